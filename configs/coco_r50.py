@@ -1,0 +1,146 @@
+"""Mask R-CNN ResNet-50-FPN on COCO 2017: the NVIDIA TF2 reference's defaults.
+
+Every value mirrors `shared/seed/defaults.md` (the reference's `mask_rcnn_params.py` and
+`cmdline_utils.py`). The training schedule is the reference's command-line default (2 images per
+GPU, lr 2.5e-3); the launch scripts in `launch/` set the 1/4/8-GPU schedules.
+
+Command (8 GPUs, the reference's 1x schedule, about 0.38 box AP / 0.34 mask AP expected):
+  python -m maskrcnn_jax.main --config=configs/coco_r50.py --workdir=/tmp/mrcnn \
+    --config.train.per_device_batch_size=4 --config.train.learning_rate=0.04 \
+    --config.train.total_steps=45000 --config.train.learning_rate_steps='(30000, 40000)'
+Command-line overrides use the dotted key names below, e.g. `--config.model.precision=bfloat16`.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  """Returns the reference configuration. ``arg`` is unused (ml_collections convention)."""
+  del arg
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  # train, eval, train_and_eval (the reference's three modes).
+  config.mode = 'train_and_eval'
+
+  # ---------------------------------------------------------------- data
+  data = config.data = ml_collections.ConfigDict()
+  data.tfds_name = 'coco_instances'     # the project's TFDS builder (maskrcnn_jax.data)
+  data.tfds_data_dir = ''               # '' = TFDS default (~/tensorflow_datasets)
+  data.manual_dir = ''                  # COCO download layout, read when the dataset is built
+  data.train_split = 'train'
+  data.eval_split = 'validation'
+  # (height, width) the image is resized into (aspect preserved), then padded to a multiple of
+  # 2**max_level. Both must be multiples of 2**max_level.
+  data.image_size = (832, 1344)
+  data.augment_hflip = True             # augment_input_data: random horizontal flip only
+  data.skip_crowd_during_training = True
+  data.max_instances = 100              # ground-truth padding size
+  data.gt_mask_size = 112               # GT masks cropped to the box at 112, stored (112+4)^2
+  data.pixel_mean = (0.485, 0.456, 0.406)  # RGB in [0, 1]
+  data.pixel_std = (0.229, 0.224, 0.225)
+  data.shuffle_buffer_size = 4096
+  data.keep_images_without_annotations_in_training = False
+
+  # ---------------------------------------------------------------- model
+  model = config.model = ml_collections.ConfigDict()
+  model.num_classes = 91                # COCO category ids as class indices, 0 = background
+  # float32, bfloat16 or float16: the compute dtype; parameters stay float32.
+  model.precision = 'float32'
+
+  backbone = model.backbone = ml_collections.ConfigDict()
+  backbone.depth = 50                   # 18, 34, 50 or 101
+  # Stages up to and including `freeze_at` are frozen: 1 = conv1, 2 = conv1 + res2 (reference).
+  backbone.freeze_at = 2
+  backbone.finetune_bn = False          # False: frozen batch norm everywhere (reference)
+
+  model.min_level = 2
+  model.max_level = 6
+  model.fpn_channels = 256
+
+  anchors = model.anchors = ml_collections.ConfigDict()
+  # 'reference': size = anchor_scale * 2**level, (x_scale, y_scale) pairs, centre offset 0.5.
+  # 'torchvision': explicit sizes per level, h/w ratios, offset 0, rounded half extents.
+  anchors.convention = 'reference'
+  anchors.num_scales = 1
+  anchors.anchor_scale = 8.0
+  anchors.aspect_ratios = ((1.0, 1.0), (1.4, 0.7), (0.7, 1.4))
+  anchors.sizes = (32, 64, 128, 256, 512)  # used by the 'torchvision' convention only
+  anchors.offset = 0.5
+  anchors.round_half_extents = False
+
+  rpn = model.rpn = ml_collections.ConfigDict()
+  rpn.positive_overlap = 0.7
+  rpn.negative_overlap = 0.3
+  rpn.allow_low_quality_matches = True
+  rpn.batch_size_per_image = 256
+  rpn.fg_fraction = 0.5
+  rpn.min_size = 0.0
+  rpn.train_pre_nms_topk = 2000         # per level
+  rpn.train_post_nms_topk = 1000
+  rpn.train_nms_threshold = 0.7
+  rpn.test_pre_nms_topk = 1000          # per level
+  rpn.test_post_nms_topk = 1000
+  rpn.test_nms_threshold = 0.7
+  rpn.box_weights = (1.0, 1.0, 1.0, 1.0)
+  rpn.huber_delta = 1.0 / 9.0
+  rpn.box_loss_weight = 1.0
+
+  roi = model.roi = ml_collections.ConfigDict()
+  roi.batch_size_per_image = 512
+  roi.fg_fraction = 0.25
+  roi.fg_threshold = 0.5
+  roi.bg_threshold_hi = 0.5
+  roi.bg_threshold_lo = 0.0
+  roi.add_gt_as_proposals = True
+  roi.box_weights = (10.0, 10.0, 5.0, 5.0)
+  roi.pooler_size = 7
+  roi.sampling_ratio = 2
+  roi.aligned = False                   # the reference's crop_and_resize has no half-pixel shift
+  roi.canonical_size = 224.0
+  roi.canonical_level = 4
+  roi.level_mapping_eps = 0.0           # torchvision adds 1e-6 inside floor(); the reference 0
+  roi.mlp_head_dim = 1024
+  roi.huber_delta = 1.0
+  roi.box_loss_weight = 1.0
+
+  mask = model.mask = ml_collections.ConfigDict()
+  mask.pooler_size = 14
+  mask.resolution = 28
+  mask.num_convs = 4
+  mask.conv_dim = 256
+  mask.loss_weight = 1.0
+
+  test = model.test = ml_collections.ConfigDict()
+  test.detections_per_image = 100
+  test.nms_threshold = 0.5              # per class
+  test.score_threshold = 0.0
+
+  # ---------------------------------------------------------------- training
+  train = config.train = ml_collections.ConfigDict()
+  train.per_device_batch_size = 2       # train_batch_size (per GPU)
+  train.learning_rate = 2.5e-3          # init_learning_rate
+  train.warmup_steps = 1000
+  train.warmup_learning_rate = 0.0
+  train.learning_rate_steps = (480000, 640000)
+  train.learning_rate_decay_factors = (0.1, 0.01)  # multiply learning_rate after each step above
+  train.total_steps = 938240
+  train.momentum = 0.9
+  train.l2_weight_decay = 1e-4          # on weights, not on batch norm or biases
+  train.bias_grad_multiplier = 2.0      # Detectron convention for biases and BN betas
+  train.gradient_clip_norm = 0.0        # global_gradient_clip_ratio; <= 0 disables
+  train.gradient_accumulation_steps = 1
+  # float16 dynamic loss scaling (the reference's AMP): initial 2**12, x2 every 2000 finite steps.
+  train.loss_scale_initial = 2.0 ** 12
+  train.loss_scale_growth_interval = 2000
+  train.checkpoint_every_steps = 2500   # save_checkpoints_steps
+  train.max_checkpoints_to_keep = 5
+  train.log_every_steps = 100
+
+  # ---------------------------------------------------------------- evaluation
+  evaluation = config.eval = ml_collections.ConfigDict()
+  evaluation.per_device_batch_size = 8  # eval_batch_size
+  evaluation.num_samples = 5000         # eval_samples
+  evaluation.every_steps = 2500         # num_steps_per_eval
+  evaluation.checkpoint_step = -1       # eval mode: -1 = the latest checkpoint
+
+  return config

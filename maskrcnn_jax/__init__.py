@@ -1,0 +1,3 @@
+"""maskrcnn_jax: Mask R-CNN instance segmentation in JAX/Flax."""
+
+__version__ = '0.1.0'

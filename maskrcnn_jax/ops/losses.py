@@ -1,0 +1,128 @@
+"""Losses of Mask R-CNN with the reference's normalisations.
+
+Element-wise losses (`sigmoid_cross_entropy`, `softmax_cross_entropy`, `huber_loss`) and the
+reductions the reference applies (NVIDIA TF2 `mask_rcnn/training/losses.py`):
+
+| loss | element | reduction |
+|---|---|---|
+| RPN score | sigmoid CE over sampled anchors (label >= 0) | sum / (batch * rpn_batch_size_per_im) |
+| RPN box | Huber, delta 1/9, on positive anchors' 4 coordinates | sum / number of weighted coordinates, per level, summed over levels |
+| box-head class | softmax CE over all sampled RoIs | mean over RoIs |
+| box-head box | Huber, delta 1.0, on the ground-truth class's 4 deltas of foreground RoIs | sum / (4 * foreground RoIs) |
+| mask | sigmoid CE of the ground-truth class's 28x28 logits of foreground RoIs | sum / (foreground RoIs * 28 * 28) |
+
+The Huber loss is TF's: ``0.5 d**2`` for ``|d| <= delta`` and ``delta * (|d| - 0.5 delta)`` beyond,
+which is ``delta`` times torchvision's ``smooth_l1_loss(beta=delta)``. The reference weights box
+coordinates with ``box_targets != 0``; here the caller passes the positive mask, which differs
+only for a coordinate whose target is exactly 0.
+
+All arithmetic is float32 whatever the inputs' dtype; a reduction with nothing to sum is 0 (the
+reference's ``divide_no_nan``), so an image without ground truth trains.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def sigmoid_cross_entropy(logits, targets) -> jnp.ndarray:
+  """Element-wise ``-z log(sigmoid(x)) - (1 - z) log(1 - sigmoid(x))``, numerically stable.
+
+  logits, targets: same shape; targets in [0, 1]. Returns float32 of that shape.
+  """
+  x = jnp.asarray(logits, jnp.float32)
+  z = jnp.asarray(targets, jnp.float32)
+  return jnp.maximum(x, 0.0) - x * z + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def softmax_cross_entropy(logits, labels) -> jnp.ndarray:
+  """Element-wise ``-log softmax(logits)[label]``.
+
+  logits: (..., K) float; labels: (...) int in [0, K). Returns (...) float32.
+  """
+  logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, jnp.asarray(labels, jnp.int32)[..., None], axis=-1)[..., 0]
+
+
+def huber_loss(predictions, targets, delta: float) -> jnp.ndarray:
+  """Element-wise TF/Keras Huber loss with threshold ``delta``; float32, shape of the inputs."""
+  d = jnp.abs(jnp.asarray(predictions, jnp.float32) - jnp.asarray(targets, jnp.float32))
+  quadratic = jnp.minimum(d, delta)
+  return 0.5 * quadratic ** 2 + delta * (d - quadratic)
+
+
+def safe_divide(numerator, denominator) -> jnp.ndarray:
+  """``numerator / denominator``, or 0 where the denominator is 0 (TF ``divide_no_nan``)."""
+  denominator = jnp.asarray(denominator, jnp.float32)
+  safe = jnp.where(denominator == 0.0, 1.0, denominator)
+  return jnp.where(denominator == 0.0, 0.0, jnp.asarray(numerator, jnp.float32) / safe)
+
+
+def rpn_score_loss(logits, labels, normalizer) -> jnp.ndarray:
+  """RPN objectness loss.
+
+  Args:
+    logits: (..., N) float objectness logits (any leading dims, e.g. (B, N) over all levels).
+    labels: (..., N) int: 1 sampled positive, 0 sampled negative, -1 not sampled / ignored.
+    normalizer: batch * rpn_batch_size_per_im (the reference; not the sampled count).
+
+  Returns:
+    Scalar float32.
+  """
+  labels = jnp.asarray(labels)
+  per_anchor = sigmoid_cross_entropy(logits, labels == 1)
+  return safe_divide(jnp.sum(jnp.where(labels >= 0, per_anchor, 0.0)), normalizer)
+
+
+def rpn_box_loss(deltas, targets, positive, delta: float = 1.0 / 9.0) -> jnp.ndarray:
+  """RPN box regression loss of one pyramid level (the reference sums this over levels).
+
+  Args:
+    deltas: (..., N, 4) predicted (dx, dy, dw, dh).
+    targets: (..., N, 4) encoded ground truth (weights (1, 1, 1, 1)).
+    positive: (..., N) bool, the sampled positive anchors.
+    delta: Huber threshold (the reference: 1/9).
+
+  Returns:
+    Scalar float32: sum over positive coordinates / (4 * number of positives).
+  """
+  weights = jnp.broadcast_to(jnp.asarray(positive, jnp.float32)[..., None],
+                             jnp.shape(targets))
+  loss = huber_loss(deltas, targets, delta) * weights
+  return safe_divide(jnp.sum(loss), jnp.sum(weights))
+
+
+def fast_rcnn_class_loss(logits, labels, valid=None) -> jnp.ndarray:
+  """Box-head classification loss: mean softmax CE over the (valid) sampled RoIs.
+
+  logits: (..., R, K); labels: (..., R) int, 0 = background; valid: optional (..., R) bool (the
+  reference counts every RoI slot, padding included, which is ``valid=None``).
+  """
+  per_roi = softmax_cross_entropy(logits, labels)
+  if valid is None:
+    return jnp.mean(per_roi)
+  valid = jnp.asarray(valid, jnp.float32)
+  return safe_divide(jnp.sum(per_roi * valid), jnp.sum(valid))
+
+
+def fast_rcnn_box_loss(deltas, targets, foreground, delta: float = 1.0) -> jnp.ndarray:
+  """Box-head regression loss on the ground-truth class's deltas of foreground RoIs.
+
+  deltas: (..., R, 4) already selected for each RoI's ground-truth class; targets: (..., R, 4)
+  encoded with weights (10, 10, 5, 5); foreground: (..., R) bool. Returns a float32 scalar:
+  sum / (4 * number of foreground RoIs).
+  """
+  return rpn_box_loss(deltas, targets, foreground, delta)
+
+
+def mask_loss(logits, targets, foreground) -> jnp.ndarray:
+  """Mask loss on the ground-truth class's mask logits of foreground RoIs.
+
+  logits: (..., R, M, M) selected for each RoI's class; targets: (..., R, M, M) in {0, 1};
+  foreground: (..., R) bool. Returns a float32 scalar: sum / (foreground RoIs * M * M).
+  """
+  weights = jnp.broadcast_to(jnp.asarray(foreground, jnp.float32)[..., None, None],
+                             jnp.shape(logits))
+  loss = sigmoid_cross_entropy(logits, targets) * weights
+  return safe_divide(jnp.sum(loss), jnp.sum(weights))
