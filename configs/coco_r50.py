@@ -40,6 +40,11 @@ def get_config(arg=None):
   data.pixel_std = (0.229, 0.224, 0.225)
   data.shuffle_buffer_size = 4096
   data.keep_images_without_annotations_in_training = False
+  # Host input pipeline (maskrcnn_jax.data.pipeline): decoding threads (0 = one per CPU core)
+  # and batches prepared ahead of the consumer. shuffle_buffer_size is not used by it: the
+  # random-access pipeline shuffles each epoch globally by index.
+  data.num_workers = 0
+  data.prefetch_batches = 2
 
   # ---------------------------------------------------------------- model
   model = config.model = ml_collections.ConfigDict()
@@ -52,6 +57,11 @@ def get_config(arg=None):
   # Stages up to and including `freeze_at` are frozen: 1 = conv1, 2 = conv1 + res2 (reference).
   backbone.freeze_at = 2
   backbone.finetune_bn = False          # False: frozen batch norm everywhere (reference)
+  backbone.bn_epsilon = 1e-4            # the reference's _BATCH_NORM_EPSILON (torchvision: 1e-5)
+  backbone.bn_momentum = 0.997          # running-average decay, used with finetune_bn only
+  # Also stop the gradient after the last frozen stage: a pure speed measure (the frozen
+  # stages' backward is skipped); the freezing itself is the optimizer mask.
+  backbone.stop_frozen_gradients = True
 
   model.min_level = 2
   model.max_level = 6
@@ -109,11 +119,16 @@ def get_config(arg=None):
   mask.num_convs = 4
   mask.conv_dim = 256
   mask.loss_weight = 1.0
+  mask.gt_margin = 2                    # zero cells around each stored GT mask (116 = 112 + 2*2)
 
   test = model.test = ml_collections.ConfigDict()
   test.detections_per_image = 100
   test.nms_threshold = 0.5              # per class
   test.score_threshold = 0.0
+  # (RoI, class) candidates kept by score before the per-class NMS, for static shapes (the
+  # reference's pre_nms_num_detections).
+  test.pre_nms_topk = 1000
+  test.min_box_size = 0.0               # drop detections narrower/shorter (torchvision: 1e-2)
 
   # ---------------------------------------------------------------- training
   train = config.train = ml_collections.ConfigDict()

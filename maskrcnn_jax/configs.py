@@ -103,6 +103,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            size, f'height and width must be positive multiples of 2**model.max_level = {multiple}')
   _int(config, 'data.max_instances', 1)
   _int(config, 'data.gt_mask_size', 4)
+  for key in ('data.num_workers', 'data.prefetch_batches'):
+    if key.split('.')[1] in config.data:  # optional: configs predating the input pipeline
+      _int(config, key, 0)
   for key in ('data.pixel_mean', 'data.pixel_std'):
     _sequence(config, key, 3)
   _check(all(s > 0 for s in config.data.pixel_std), 'data.pixel_std', config.data.pixel_std,
@@ -145,6 +148,9 @@ def validate_model_config(model: ml_collections.ConfigDict) -> None:
   _choice(cfg, 'model.backbone.depth', RESNET_DEPTHS)
   _int(cfg, 'model.backbone.freeze_at', 0, 5)
   _choice(cfg, 'model.backbone.finetune_bn', (True, False))
+  _float(cfg, 'model.backbone.bn_epsilon', 0.0, low_open=True)
+  _float(cfg, 'model.backbone.bn_momentum', 0.0, 1.0)
+  _choice(cfg, 'model.backbone.stop_frozen_gradients', (True, False))
   min_level = _int(cfg, 'model.min_level', 2, 5)
   max_level = _int(cfg, 'model.max_level', 5, 7)
   _check(min_level < max_level, 'model.min_level', min_level, 'must be < model.max_level')
@@ -198,7 +204,10 @@ def validate_model_config(model: ml_collections.ConfigDict) -> None:
          model.mask.resolution, 'must be 2 * model.mask.pooler_size (one 2x2 deconvolution)')
   _int(cfg, 'model.mask.num_convs', 0)
   _int(cfg, 'model.mask.conv_dim', 1)
+  _int(cfg, 'model.mask.gt_margin', 0)
 
   _int(cfg, 'model.test.detections_per_image', 1)
   _float(cfg, 'model.test.nms_threshold', 0.0, 1.0)
   _float(cfg, 'model.test.score_threshold', 0.0, 1.0)
+  _int(cfg, 'model.test.pre_nms_topk', 1)
+  _float(cfg, 'model.test.min_box_size', 0.0)

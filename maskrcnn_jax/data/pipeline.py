@@ -1,0 +1,265 @@
+"""Training and evaluation input pipelines over the `coco_instances` TFDS dataset.
+
+Random access, not a stream: the dataset is read with ``tfds`` array_record data sources and every
+example of the run has a fixed global position. With global batch G = batch_size * process_count,
+host p fills slot j of step s from position ``q = s * G + p * batch_size + j``; position q is record
+``perm_e[q mod n]`` of epoch ``e = q // n``, where ``perm_e`` is a permutation of the trainable
+records seeded by (seed, e), and the flip of position q is drawn from a generator seeded by
+(seed, q). A run restarted at step s therefore yields exactly the batches an uninterrupted run
+would from step s on, without reading the skipped examples (`train_iterator(..., start_step=s)`).
+
+Examples are decoded and preprocessed (`preprocess.process_example`) by a pool of threads writing
+into preallocated batch arrays; JPEG decoding, PIL resizing and NumPy copies release the GIL.
+Batches are produced in order, ``prefetch_batches`` ahead of the consumer.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import functools
+import json
+import os
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from maskrcnn_jax.data import preprocess
+from maskrcnn_jax.data import spec
+
+Batch = dict[str, np.ndarray]
+
+
+# ------------------------------------------------------------------------------------ dataset
+class DatasetNotPreparedError(FileNotFoundError):
+  """The TFDS dataset named in the config has not been (completely) prepared."""
+
+
+def _builder(name: str, data_dir: str | None):
+  """The prepared TFDS builder `name` ('coco_instances[/config][:version]') under data_dir."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from maskrcnn_jax.data import coco_builder  # pylint: disable=g-import-not-at-top,unused-import
+  data_dir = data_dir or None
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception:  # a config made from paths is not registered: read it from its files
+    root = os.path.join(os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR),
+                        *name.replace(':', '/').split('/'))
+    candidates = sorted(
+        (d for d in ([root] + [os.path.join(root, v) for v in (os.listdir(root)
+                                                               if os.path.isdir(root) else [])])
+         if os.path.isfile(os.path.join(d, 'dataset_info.json'))),
+        key=lambda d: [int(x) if x.isdigit() else 0 for x in os.path.basename(d).split('.')])
+    if not candidates:
+      raise DatasetNotPreparedError(
+          f'dataset {name!r} is not prepared under {data_dir or "the TFDS default data_dir"}; '
+          'build it with `python -m maskrcnn_jax.data.prepare` (docs/data.md)') from None
+    builder = tfds.builder_from_directory(candidates[-1])
+  if not builder.is_prepared():
+    raise DatasetNotPreparedError(
+        f'dataset {name!r} is not prepared under {builder.data_dir}; build it with '
+        '`python -m maskrcnn_jax.data.prepare` (docs/data.md)')
+  return builder
+
+
+class Source:
+  """One split of a prepared dataset: random-access records (image left encoded) + metadata.
+
+  ``source[i]`` is record i (a dict as in `coco_builder`, sequences as lists); ``metadata`` is the
+  dataset's metadata.json (category table, per-split image ids and object counts).
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str | None = None):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    builder = _builder(name, data_dir)
+    if split not in builder.info.splits:
+      raise KeyError(f'dataset {name!r} has no split {split!r} '
+                     f'(it has {sorted(builder.info.splits)})')
+    self.name, self.split, self.data_dir = name, split, builder.data_dir
+    self.records = builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
+    with open(os.path.join(builder.data_dir, 'metadata.json')) as f:
+      self.metadata: dict[str, Any] = json.load(f)
+    split_md = self.metadata['splits'][split]
+    self.image_ids = np.asarray(split_md['image_ids'], np.int64)
+    self.num_objects = np.asarray(split_md['num_objects'], np.int64)
+    self.num_crowd_objects = np.asarray(split_md['num_crowd_objects'], np.int64)
+    if len(self.records) != len(self.image_ids):
+      raise ValueError(f'{self.data_dir}: {len(self.records)} records but the metadata lists '
+                       f'{len(self.image_ids)} images')
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self.records[int(index)]
+    # Record order is image-id order (disable_shuffling); a mismatch means a foreign dataset.
+    if int(record['image_id']) != self.image_ids[index]:
+      raise ValueError(f'{self.data_dir}: record {index} is image id {record["image_id"]}, '
+                       f'the metadata says {self.image_ids[index]}')
+    return record
+
+
+def source_from_config(config, split: str) -> Source:
+  """The `Source` of config.data.tfds_name / tfds_data_dir for `split`."""
+  return Source(config.data.tfds_name, split, config.data.tfds_data_dir or None)
+
+
+# ------------------------------------------------------------------------------------ sampling
+def trainable_indices(source: Source, skip_crowd: bool, keep_empty: bool) -> np.ndarray:
+  """Record indices used for training: those with ground truth, unless keep_empty. (K,) int64."""
+  usable = source.num_objects - (source.num_crowd_objects if skip_crowd else 0)
+  return np.flatnonzero((usable > 0) | keep_empty).astype(np.int64)
+
+
+class TrainSampler:
+  """Maps global example positions to (record index, flip) deterministically (see module doc)."""
+
+  def __init__(self, indices: np.ndarray, seed: int, hflip: bool):
+    if len(indices) == 0:
+      raise ValueError('no training examples (every image lacks usable annotations)')
+    self.indices, self.seed, self.hflip = np.asarray(indices), int(seed), hflip
+    self._perms = collections.OrderedDict()
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      rng = np.random.default_rng([self.seed, 0, epoch])
+      self._perms[epoch] = self.indices[rng.permutation(len(self.indices))]
+      while len(self._perms) > 2:
+        self._perms.popitem(last=False)
+    return self._perms[epoch]
+
+  def __call__(self, position: int) -> tuple[int, bool]:
+    epoch, offset = divmod(int(position), len(self.indices))
+    flip = self.hflip and bool(np.random.default_rng([self.seed, 1, int(position)]).random() < 0.5)
+    return int(self._perm(epoch)[offset]), flip
+
+
+# ------------------------------------------------------------------------------------ execution
+def _batches(plans: Iterator[list[tuple[int, bool] | None]], make_batch: Callable[[], Batch],
+             fill: Callable[[Batch, int, int, bool], None], num_workers: int,
+             prefetch_batches: int) -> Iterator[Batch]:
+  """Runs `fill` for every slot of every planned batch on a thread pool; yields in order.
+
+  plans: per batch, one (record index, flip) or None (an empty, invalid slot) per slot.
+  """
+  pool = concurrent.futures.ThreadPoolExecutor(max(1, num_workers), 'maskrcnn_data')
+  pending = collections.deque()
+  plans = iter(plans)
+  try:
+    exhausted = False
+    while True:
+      while not exhausted and len(pending) <= prefetch_batches:
+        plan = next(plans, None)
+        if plan is None:
+          exhausted = True
+          break
+        batch = make_batch()
+        futures = [pool.submit(fill, batch, slot, *item)
+                   for slot, item in enumerate(plan) if item is not None]
+        pending.append((batch, futures))
+      if not pending:
+        return
+      batch, futures = pending.popleft()
+      for future in futures:
+        future.result()  # re-raises a worker's exception here, in order
+      yield batch
+  finally:
+    try:
+      pool.shutdown(wait=False, cancel_futures=True)
+    except Exception:  # pylint: disable=broad-except
+      pass  # a generator finalised at interpreter exit finds concurrent.futures half torn down
+
+
+def _process_info(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  return int(process_index), int(process_count)
+
+
+def _num_workers(config, num_workers):
+  if num_workers is None:
+    num_workers = config.data.get('num_workers', 0)
+  return num_workers if num_workers > 0 else (os.cpu_count() or 1)
+
+
+def _fill_fn(source: Source, config, skip_crowd: bool):
+  data = config.data
+
+  def fill(batch: Batch, slot: int, index: int, flip: bool) -> None:
+    preprocess.process_example(source[index], batch, slot, canvas=tuple(data.image_size),
+                               gt_mask_size=data.gt_mask_size, flip=flip,
+                               skip_crowd=skip_crowd)
+  return fill
+
+
+def train_iterator(config, batch_size: int, start_step: int = 0, seed: int | None = None, *,
+                   process_index: int | None = None, process_count: int | None = None,
+                   num_workers: int | None = None, source: Source | None = None
+                   ) -> Iterator[Batch]:
+  """Infinite iterator of this host's training batches, from `start_step` on.
+
+  batch_size: examples per batch on this host (per-device batch x local devices). seed: defaults
+  to config.seed. process_index / process_count default to jax's. Uses config.data: tfds_name,
+  tfds_data_dir, train_split, image_size, gt_mask_size, max_instances, augment_hflip,
+  skip_crowd_during_training, keep_images_without_annotations_in_training, num_workers,
+  prefetch_batches. Batches follow `spec.batch_spec`; example_valid is all True.
+  """
+  data = config.data
+  seed = config.seed if seed is None else seed
+  process_index, process_count = _process_info(process_index, process_count)
+  source = source or source_from_config(config, data.train_split)
+  skip_crowd = bool(data.skip_crowd_during_training)
+  sampler = TrainSampler(
+      trainable_indices(source, skip_crowd, bool(data.keep_images_without_annotations_in_training)),
+      seed, bool(data.augment_hflip))
+  global_batch = batch_size * process_count
+
+  def plans():
+    step = int(start_step)
+    while True:
+      first = step * global_batch + process_index * batch_size
+      yield [sampler(first + j) for j in range(batch_size)]
+      step += 1
+
+  make_batch = functools.partial(spec.empty_batch, batch_size, tuple(data.image_size),
+                                 data.max_instances, data.gt_mask_size)
+  return _batches(plans(), make_batch, _fill_fn(source, config, skip_crowd),
+                  _num_workers(config, num_workers), data.get('prefetch_batches', 2))
+
+
+def num_eval_batches(num_examples: int, batch_size: int, process_count: int) -> int:
+  """Batches per host to cover num_examples (the same on every host)."""
+  per_host = -(-num_examples // process_count)
+  return -(-per_host // batch_size)
+
+
+def eval_iterator(config, batch_size: int, num_examples: int = -1, *,
+                  process_index: int | None = None, process_count: int | None = None,
+                  num_workers: int | None = None, source: Source | None = None
+                  ) -> Iterator[Batch]:
+  """One pass over the evaluation split (config.data.eval_split), this host's share.
+
+  Host p takes records p, p + P, p + 2P... of the first num_examples (-1 = all) in image-id
+  order; no flip, crowd objects kept (gt_is_crowd). Every host yields `num_eval_batches` batches;
+  slots past the end are zero with example_valid False, so batch shapes never change.
+  """
+  data = config.data
+  process_index, process_count = _process_info(process_index, process_count)
+  source = source or source_from_config(config, data.eval_split)
+  total = len(source) if num_examples < 0 else min(num_examples, len(source))
+  mine = list(range(process_index, total, process_count))
+  count = num_eval_batches(total, batch_size, process_count)
+
+  def plans():
+    for b in range(count):
+      chunk = mine[b * batch_size:(b + 1) * batch_size]
+      yield [(i, False) for i in chunk] + [None] * (batch_size - len(chunk))
+
+  make_batch = functools.partial(spec.empty_batch, batch_size, tuple(data.image_size),
+                                 data.max_instances, data.gt_mask_size)
+  return _batches(plans(), make_batch, _fill_fn(source, config, skip_crowd=False),
+                  _num_workers(config, num_workers), data.get('prefetch_batches', 2))
