@@ -1,0 +1,119 @@
+"""Small building blocks shared by the backbone and the heads: frozen batch norm, padded convs.
+
+Conventions: NHWC activations, ``param_dtype`` float32, ``dtype`` the compute dtype. Convolution
+padding is always explicit and symmetric (torchvision's ``padding=k // 2``), never flax's
+``'SAME'``, which pads stride-2 convolutions asymmetrically (more at the bottom/right) and would
+shift every feature map by half a pixel relative to torchvision's.
+
+Batch-norm variables. A *frozen* batch norm (the reference's default: inference mode, affine not
+trained) keeps all four of its tensors -- ``scale``, ``bias``, ``mean``, ``var`` -- in the
+``batch_stats`` collection, like torchvision's ``FrozenBatchNorm2d`` keeps them as buffers: they
+are constants of the model, are never seen by the optimizer, and the parameter count equals
+torchvision's. A *trainable* batch norm (``finetune_bn``) is ``flax.linen.BatchNorm``: ``scale``
+and ``bias`` in ``params``, ``mean`` and ``var`` in ``batch_stats``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class FrozenBatchNorm(nn.Module):
+  """Batch norm in inference mode with constant statistics and affine (torchvision semantics).
+
+  ``y = (x - mean) * scale / sqrt(var + epsilon) + bias``, computed as one per-channel multiply
+  and add whose coefficients are formed in float32 (as ``FrozenBatchNorm2d``), then cast to the
+  compute dtype.
+
+  Attributes:
+    epsilon: added to the variance (torchvision's ``FrozenBatchNorm2d``: 1e-5).
+    dtype: compute dtype of the output.
+    param_dtype: storage dtype of the four constants (float32).
+  """
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x: (..., C) -> (..., C) in ``dtype``."""
+    c = x.shape[-1]
+    init = lambda fill: (lambda: jnp.full((c,), fill, self.param_dtype))
+    scale = self.variable('batch_stats', 'scale', init(1.0)).value
+    bias = self.variable('batch_stats', 'bias', init(0.0)).value
+    mean = self.variable('batch_stats', 'mean', init(0.0)).value
+    var = self.variable('batch_stats', 'var', init(1.0)).value
+    mul = scale.astype(jnp.float32) * (var.astype(jnp.float32) + self.epsilon) ** -0.5
+    add = bias.astype(jnp.float32) - mean.astype(jnp.float32) * mul
+    return x.astype(self.dtype) * mul.astype(self.dtype) + add.astype(self.dtype)
+
+
+def batch_norm(name: str, frozen: bool, train: bool, epsilon: float, dtype: Dtype,
+               momentum: float = 0.997) -> nn.Module:
+  """A frozen or a trainable batch norm with the given explicit name.
+
+  Trainable batch norm uses batch statistics when ``train`` is True (``batch_stats`` must then be
+  mutable) and per-device statistics (no cross-device reduction, as the reference); ``momentum``
+  is the running-average decay (the reference's ``_BATCH_NORM_DECAY`` 0.997).
+  """
+  if frozen:
+    return FrozenBatchNorm(epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, name=name)
+  return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
+                      dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def conv(features: int, kernel: int, stride: int = 1, use_bias: bool = False,
+         dtype: Dtype = jnp.float32, name: str | None = None,
+         kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')) -> nn.Conv:
+  """A k x k convolution with torchvision's symmetric padding ``k // 2`` on every side.
+
+  Kernel (k, k, C_in, features) float32; default init He-normal (fan-out), as torchvision's
+  ResNet.
+  """
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=use_bias, dtype=dtype,
+                 param_dtype=jnp.float32, kernel_init=kernel_init, name=name)
+
+
+class Deconv2x2(nn.Module):
+  """Transposed convolution with kernel 2 and stride 2 (no overlap): each input cell becomes a
+  2x2 output block, ``out[2i + di, 2j + dj] = x[i, j] @ kernel[di, dj] + bias``.
+
+  Written as one einsum rather than ``nn.ConvTranspose`` because without overlap it is a plain
+  matmul, and its kernel layout (di, dj, C_in, C_out) is torchvision's ``ConvTranspose2d``
+  weight (C_in, C_out, di, dj) transposed, with no spatial flip to get wrong.
+
+  Attributes:
+    features: output channels.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+  @nn.compact
+  def __call__(self, x):
+    """x: (B, H, W, C) -> (B, 2H, 2W, features)."""
+    b, h, w, c = x.shape
+    kernel = self.param('kernel', self.kernel_init, (2, 2, c, self.features), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
+    y = jnp.einsum('bhwc,ijco->bhiwjo', x.astype(self.dtype), kernel.astype(self.dtype))
+    y = y.reshape(b, 2 * h, 2 * w, self.features)
+    return y + bias.astype(self.dtype)
+
+
+def upsample_nearest(x, size: Sequence[int]):
+  """Nearest-neighbour resize of (B, h, w, C) to (B, H, W, C) with torch's index rule
+  ``src = floor(dst * h / H)`` (``F.interpolate(mode='nearest', size=...)``): a plain 2x repeat
+  when H = 2h, and the same pixels as torchvision's FPN for odd sizes."""
+  h, w = x.shape[1:3]
+  out_h, out_w = size
+  rows = (jnp.arange(out_h) * h) // out_h
+  cols = (jnp.arange(out_w) * w) // out_w
+  return x[:, rows][:, :, cols]

@@ -1,0 +1,235 @@
+"""Import torchvision state dicts (ResNet ImageNet backbones, ``maskrcnn_resnet50_fpn``) as flax
+variables of :mod:`maskrcnn_jax.modeling`.
+
+The mapping is driven by the flax variable tree: every leaf of the target model is looked up under
+the torchvision name its module path translates to, transformed to the flax layout and checked
+for shape; torchvision keys left over are reported as unexpected. Layout changes:
+
+* conv weight (O, I, kh, kw) -> kernel (kh, kw, I, O); linear weight (O, I) -> kernel (I, O);
+* ``box_head.fc6``: its input rows are torchvision's flattened (C, S, S) RoI features; ours are
+  (S, S, C), so the rows are permuted;
+* ``ConvTranspose2d`` weight (I, O, 2, 2) -> (2, 2, I, O) (see ``modeling.layers.Deconv2x2``);
+* batch norm ``weight, bias, running_mean, running_var`` -> ``scale, bias, mean, var`` (all in
+  ``batch_stats`` for frozen batch norm, ``scale``/``bias`` in ``params`` otherwise);
+  ``num_batches_tracked`` is ignored.
+
+Both the current torchvision names (``inner_blocks.0.0``, ``rpn.head.conv.0.0``,
+``mask_head.0.0``) and the names of checkpoints saved by older versions (``inner_blocks.0``,
+``rpn.head.conv``, ``mask_head.mask_fcn1``) are accepted.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maskrcnn_jax.modeling.resnet import ResNet
+
+StateDict = Mapping[str, np.ndarray]
+
+
+class WeightImportError(ValueError):
+  """The state dict does not fit the model; the message names the offending keys."""
+
+
+_BN_LEAVES = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
+
+
+def _conv_kernel(w: np.ndarray) -> np.ndarray:
+  return np.transpose(w, (2, 3, 1, 0))
+
+
+def _dense_kernel(w: np.ndarray) -> np.ndarray:
+  return np.transpose(w, (1, 0))
+
+
+def _deconv_kernel(w: np.ndarray) -> np.ndarray:
+  return np.transpose(w, (2, 3, 0, 1))
+
+
+def _fc6_kernel(pooler_size: int) -> Callable[[np.ndarray], np.ndarray]:
+  def transform(w: np.ndarray) -> np.ndarray:
+    out, flat = w.shape
+    channels = flat // (pooler_size * pooler_size)
+    w = w.reshape(out, channels, pooler_size, pooler_size)
+    return np.transpose(w, (2, 3, 1, 0)).reshape(flat, out)
+  return transform
+
+
+def _backbone_module(path: tuple[str, ...]) -> str:
+  """('layer1', 'block0', 'downsample_conv') -> 'layer1.0.downsample.0'."""
+  parts = []
+  for p in path:
+    if p.startswith('block'):
+      parts.append(p[len('block'):])
+    elif p == 'downsample_conv':
+      parts.append('downsample.0')
+    elif p == 'downsample_bn':
+      parts.append('downsample.1')
+    else:
+      parts.append(p)
+  return '.'.join(parts)
+
+
+def _maskrcnn_candidates(path: tuple[str, ...], min_level: int) -> list[str]:
+  """Candidate torchvision module names (current first) for a flax module path of MaskRCNN."""
+  head, rest = path[0], path[1:]
+  if head == 'backbone':
+    return ['backbone.body.' + _backbone_module(rest)]
+  if head == 'fpn':
+    kind, level = re.fullmatch(r'(lateral|output)_p(\d+)', rest[0]).groups()
+    block = 'inner_blocks' if kind == 'lateral' else 'layer_blocks'
+    i = int(level) - min_level
+    return [f'backbone.fpn.{block}.{i}.0', f'backbone.fpn.{block}.{i}']
+  if head == 'rpn_head':
+    return {'conv': ['rpn.head.conv.0.0', 'rpn.head.conv'],
+            'objectness': ['rpn.head.cls_logits'],
+            'deltas': ['rpn.head.bbox_pred']}[rest[0]]
+  if head == 'box_head':
+    return {'fc6': ['roi_heads.box_head.fc6'], 'fc7': ['roi_heads.box_head.fc7'],
+            'class_logits': ['roi_heads.box_predictor.cls_score'],
+            'box_deltas': ['roi_heads.box_predictor.bbox_pred']}[rest[0]]
+  if head == 'mask_head':
+    name = rest[0]
+    if name.startswith('mask_fcn'):
+      i = int(name[len('mask_fcn'):])
+      return [f'roi_heads.mask_head.{i - 1}.0', f'roi_heads.mask_head.mask_fcn{i}']
+    return {'deconv': ['roi_heads.mask_predictor.conv5_mask'],
+            'mask_logits': ['roi_heads.mask_predictor.mask_fcn_logits']}[name]
+  raise WeightImportError(f'no torchvision name for module {"/".join(path)}')
+
+
+def _transform_for(module: str, leaf: str, pooler_size: int):
+  """Layout change of one leaf: only kernels change layout; biases and batch norm do not."""
+  if leaf != 'kernel':
+    return lambda w: w
+  if module == 'deconv':
+    return _deconv_kernel
+  if module == 'fc6':
+    return _fc6_kernel(pooler_size)
+  if module in ('fc7', 'class_logits', 'box_deltas'):
+    return _dense_kernel
+  return _conv_kernel
+
+
+def _convert(target: Mapping[str, Any], state_dict: StateDict,
+             candidates: Callable[[tuple[str, ...]], list[str]],
+             pooler_size: int, ignored: Callable[[str], bool]) -> dict:
+  """Fills the (abstract) ``target`` variables from ``state_dict``; raises on any mismatch."""
+  state = {k: np.asarray(v) for k, v in state_dict.items()}
+  used: set[str] = set()
+  missing, mismatched = [], []
+  flat = jax.tree_util.tree_flatten_with_path(target)[0]
+  out: dict = {}
+  for key_path, abstract in flat:
+    names = tuple(k.key for k in key_path)
+    collection, module_path, leaf = names[0], names[1:-1], names[-1]
+    # kernel -> weight; batch norm scale/mean/var -> weight/running_mean/running_var.
+    torch_leaf = 'weight' if leaf == 'kernel' else _BN_LEAVES[leaf]
+    options = [f'{m}.{torch_leaf}' for m in candidates(module_path)]
+    found = next((k for k in options if k in state), None)
+    if found is None:
+      missing.append(options[0])
+      continue
+    used.add(found)
+    value = _transform_for(module_path[-1], leaf, pooler_size)(state[found])
+    if tuple(value.shape) != tuple(abstract.shape):
+      mismatched.append(f'{found}: torchvision {tuple(state[found].shape)} -> '
+                        f'{tuple(value.shape)}, model {"/".join(names)} expects '
+                        f'{tuple(abstract.shape)}')
+      continue
+    node = out
+    for n in names[:-1]:
+      node = node.setdefault(n, {})
+    node[leaf] = np.asarray(value, np.float32)
+  unexpected = sorted(k for k in state if k not in used and not ignored(k))
+  problems = []
+  if missing:
+    problems.append(f'{len(missing)} missing keys: {missing[:20]}')
+  if unexpected:
+    problems.append(f'{len(unexpected)} unexpected keys: {unexpected[:20]}')
+  if mismatched:
+    problems.append(f'{len(mismatched)} shape mismatches: {mismatched[:20]}')
+  if problems:
+    raise WeightImportError('state dict does not fit the model: ' + '; '.join(problems))
+  return out
+
+
+def resnet_from_torchvision(state_dict: StateDict, depth: int, finetune_bn: bool = False,
+                            prefix: str = '') -> dict:
+  """Variables of :class:`maskrcnn_jax.modeling.ResNet` from a torchvision ``resnet{depth}``
+  state dict (ImageNet classification; ``fc`` is dropped).
+
+  Args:
+    state_dict: torchvision names -> NumPy arrays (see :func:`load_state_dict`).
+    depth: 18, 34, 50 or 101.
+    finetune_bn: layout for trainable batch norm (``scale``/``bias`` in ``params``).
+    prefix: prefix of the backbone keys (e.g. ``'backbone.body.'``); keys without it are ignored.
+
+  Returns:
+    ``{'params': ..., 'batch_stats': ...}`` nested dicts of float32 NumPy arrays: put them
+    under ``'backbone'`` of a whole model's variables.
+  """
+  model = ResNet(depth, frozen_bn=not finetune_bn)
+  target = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  ignored = lambda k: k.endswith('num_batches_tracked') or k.split('.')[0] == 'fc'
+  return _convert(target, sub, lambda path: [_backbone_module(path)], 0, ignored)
+
+
+def from_torchvision(state_dict: StateDict, model_config) -> dict:
+  """Variables of ``build_model(model_config)`` from a torchvision Mask R-CNN state dict
+  (``maskrcnn_resnet50_fpn``; use ``configs/torchvision_r50.py`` for its exact architecture).
+
+  Returns:
+    ``{'params': ..., 'batch_stats': ...}`` nested dicts of float32 NumPy arrays.
+
+  Raises:
+    WeightImportError: naming missing keys, unexpected keys and shape mismatches.
+  """
+  from maskrcnn_jax.modeling import build_model, init_variables  # pylint: disable=g-import-not-at-top
+  model = build_model(model_config)
+  size = 2 ** model_config.max_level * 2
+  target = jax.eval_shape(lambda k: init_variables(model, k, size, size), jax.random.key(0))
+  ignored = lambda k: k.endswith('num_batches_tracked')
+  return _convert(target, state_dict, lambda p: _maskrcnn_candidates(p, model.min_level),
+                  model.roi.pooler_size, ignored)
+
+
+def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+  """Reads a state dict file into ``{name: np.ndarray}``; nothing is downloaded.
+
+  ``.npz`` (NumPy), ``.safetensors`` (needs the ``safetensors`` package) or ``.pth`` / ``.pt``
+  (needs torch; read with ``torch.load(weights_only=True)``, so no pickled code runs).
+  """
+  path = pathlib.Path(path)
+  suffix = path.suffix.lower()
+  if not path.is_file():
+    raise FileNotFoundError(f'no weights file at {path}')
+  if suffix == '.npz':
+    with np.load(path, allow_pickle=False) as data:
+      return {k: np.asarray(data[k]) for k in data.files}
+  if suffix == '.safetensors':
+    try:
+      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(f'reading {path} needs the safetensors package') from e
+    return dict(load_file(str(path)))
+  if suffix in ('.pth', '.pt'):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(f'reading {path} needs torch; convert it to .npz or .safetensors '
+                        'where torch is installed') from e
+    obj = torch.load(str(path), map_location='cpu', weights_only=True)
+    for key in ('model', 'state_dict'):  # common checkpoint wrappers
+      if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+        obj = obj[key]
+    return {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
+            for k, v in obj.items() if hasattr(v, 'numpy')}
+  raise ValueError(f'unsupported weights file {path}: use .npz, .safetensors or .pth')
