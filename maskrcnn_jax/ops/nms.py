@@ -15,8 +15,9 @@ iteration on XLA GPU (DESIGN.md). Instead, with the candidates sorted by score:
 1. Split them into tiles of ``tile_size`` consecutive boxes (a Python loop: straight-line code,
    ``ceil(N / tile_size)`` tiles).
 2. For tile ``t``, one matrix op computes ``over = IoU(tile boxes, all boxes up to the tile's end) >
-   threshold``. A box of the tile survives the earlier tiles iff no already kept earlier box
-   overlaps it: ``cand = valid & ~any(over[:, :start] & kept_before)``.
+   threshold`` (rounded exactly as torchvision, :func:`_overlaps`). A box of the tile survives the
+   earlier tiles iff no already kept earlier box overlaps it:
+   ``cand = valid & ~any(over[:, :start] & kept_before)``, one float32 mat-vec.
 3. Inside the tile the greedy dependency ``keep_i = cand_i & ~any_{j<i}(keep_j & over_ij)`` is a
    triangular boolean system. It is solved by the Jacobi fixed-point iteration
    ``k <- cand & ~any(over_lower & k)`` from ``k = cand``, run until nothing changes. Entry ``i``
@@ -42,11 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from maskrcnn_jax.ops import numerics
 from maskrcnn_jax.ops.boxes import BBOX_XFORM_CLIP, clip_boxes, decode_boxes
 
 # Tile length of the blocked greedy resolution. Larger tiles mean fewer fixed-point loops (fewer
-# host syncs on GPU) for more work per sweep; 512 was the fastest on the 2-core CPU for the
-# reference's 2000-candidate levels (bench/ops.py) and is the reference's TPU tile size.
+# host syncs on GPU) for more work per sweep. On the 2-core CPU 256 and 512 were within 10% of
+# each other for the reference's 2000-candidate levels (1024: 1.5x, 2048: 2.5x slower); 512 halves
+# the loops of 256 and is the reference's TPU tile size. Not yet measured on a GPU.
 DEFAULT_TILE_SIZE = 512
 
 
@@ -67,14 +70,6 @@ def _float32_threshold(iou_threshold):
   return jnp.asarray(iou_threshold, jnp.float32)
 
 
-def _rounded(x):
-  """``x`` rounded to float32 before it feeds an addition: blocks fused multiply-add contraction.
-
-  XLA contracts ``a * b + c`` inside a fusion into an FMA (one rounding instead of two). The
-  select is an identity (NaN included) that LLVM cannot see through.
-  """
-  return jnp.where(x == x, x, jnp.nan)
-
 
 def _overlaps(rows: jnp.ndarray, cols: jnp.ndarray, threshold) -> jnp.ndarray:
   """``IoU(rows[i], cols[j]) > threshold``, rounded exactly as torchvision's CPU kernel.
@@ -93,13 +88,13 @@ def _overlaps(rows: jnp.ndarray, cols: jnp.ndarray, threshold) -> jnp.ndarray:
   union gives NaN, which is never above the threshold (torchvision: the same).
   """
   def area(b):
-    return _rounded((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
+    return numerics.rounded((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
 
   x1 = jnp.maximum(rows[:, None, 0], cols[None, :, 0])
   y1 = jnp.maximum(rows[:, None, 1], cols[None, :, 1])
   x2 = jnp.minimum(rows[:, None, 2], cols[None, :, 2])
   y2 = jnp.minimum(rows[:, None, 3], cols[None, :, 3])
-  inter = _rounded(jnp.maximum(x2 - x1, 0.0) * jnp.maximum(y2 - y1, 0.0))
+  inter = numerics.rounded(jnp.maximum(x2 - x1, 0.0) * jnp.maximum(y2 - y1, 0.0))
   union = (area(rows)[:, None] + area(cols)[None, :]) - inter
   return inter / union > threshold
 

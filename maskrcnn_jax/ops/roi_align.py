@@ -17,7 +17,7 @@ the ``(2 s) x (2 s)`` gathered feature vectors. The features are flattened to ``
 pixels, over all pyramid levels for the multi-level op) and read with one row gather per sample
 corner: the work is proportional to the number of RoIs, never to the feature map size (no one-hot
 interpolation matrices, DESIGN.md). Coordinates and weights are float32 and rounded as torchvision
-rounds them (:func:`_rounded`, :func:`_divide` keep XLA from contracting products into FMAs and
+rounds them (:func:`numerics.rounded`, :func:`numerics.divide` keep XLA from contracting products into FMAs and
 from replacing divisions by reciprocal multiplications): on unit-variance features the outputs
 match torchvision's to 1e-6, where one ulp of a sample coordinate had cost 1e-4.
 
@@ -40,6 +40,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+from maskrcnn_jax.ops import numerics
 from maskrcnn_jax.ops.boxes import box_area
 
 # torchvision's LevelMapper adds this inside the floor so that boxes whose size is an exact power
@@ -48,25 +49,6 @@ from maskrcnn_jax.ops.boxes import box_area
 TORCHVISION_LEVEL_EPS = 1e-6
 
 
-def _rounded(x):
-  """``x``, forced to be rounded to float32 before it feeds an addition.
-
-  XLA (CPU and GPU) contracts ``a * b + c`` inside a fusion into one fused multiply-add, which
-  skips the rounding of the product; torchvision rounds it. On a P2 sample coordinate near 330
-  that one ulp (3e-5 px) moved outputs by up to 1e-4 on unit-variance features. The select
-  (an identity, NaN included) sits between the multiply and the add, so LLVM cannot contract them.
-  """
-  return jnp.where(x == x, x, jnp.nan)
-
-
-def _divide(x, divisor):
-  """``x / divisor`` for a scalar divisor, correctly rounded as torchvision's.
-
-  XLA rewrites a division by a broadcast scalar into a multiplication by its reciprocal, which is
-  off by one ulp in about half the cases (x / 7). Dividing by a select that XLA cannot prove to
-  be a broadcast keeps the IEEE division.
-  """
-  return x / jnp.where(x == x, jnp.float32(divisor), jnp.nan)
 
 
 def _output_hw(output_size) -> tuple[int, int]:
@@ -99,13 +81,14 @@ def _axis_samples(start, extent, size, out: int, ratio: int):
     index: (B, N, out, ratio, 2) int32 lower / upper neighbour, always in [0, size - 1].
     weight: (B, N, out, ratio, 2) float32 their weights (0 for samples outside [-1, size]).
   """
-  bin_size = _divide(extent, out)
+  bin_size = numerics.divide(extent, out)
   p = jnp.arange(out, dtype=jnp.float32)[:, None]
   i = jnp.arange(ratio, dtype=jnp.float32)[None, :]
   start = start[..., None, None]
   bin_size = bin_size[..., None, None]
   # Same operation order as torchvision, so the sample coordinates round identically.
-  coord = start + _rounded(p * bin_size) + _rounded(_divide((i + 0.5) * bin_size, ratio))
+  coord = (start + numerics.rounded(p * bin_size)
+           + numerics.rounded(numerics.divide((i + 0.5) * bin_size, ratio)))
   size_i = size[..., None, None]
   size_f = size_i.astype(jnp.float32)
   inside = (coord >= -1.0) & (coord <= size_f)
@@ -137,10 +120,10 @@ def _roi_align_flat(flat, boxes, base, height, width, scale, out_h: int, out_w: 
     (B, N, out_h, out_w, C) float32.
   """
   offset = 0.5 if aligned else 0.0
-  x1 = _rounded(boxes[..., 0] * scale) - offset
-  y1 = _rounded(boxes[..., 1] * scale) - offset
-  x2 = _rounded(boxes[..., 2] * scale) - offset
-  y2 = _rounded(boxes[..., 3] * scale) - offset
+  x1 = numerics.rounded(boxes[..., 0] * scale) - offset
+  y1 = numerics.rounded(boxes[..., 1] * scale) - offset
+  x2 = numerics.rounded(boxes[..., 2] * scale) - offset
+  y2 = numerics.rounded(boxes[..., 3] * scale) - offset
   roi_w = x2 - x1
   roi_h = y2 - y1
   if not aligned:

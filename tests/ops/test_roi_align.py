@@ -206,10 +206,10 @@ def test_roi_align_gradient_is_the_transposed_linear_map():
 
 
 def test_roi_align_bfloat16_gradient_accumulates_in_float32():
-  # 512 identical RoIs each add a small amount to the same pixels: a bfloat16 scatter-add would
+  # 256 identical RoIs each add a small amount to the same pixels: a bfloat16 scatter-add would
   # stall once the sum is large (its ulp exceeds the increments).
-  features = np.random.default_rng(13).standard_normal((1, 8, 8, 4)).astype(np.float32)
-  boxes = np.tile(np.array([[[1.0, 1.0, 6.0, 6.0]]], np.float32), (1, 512, 1))
+  features = np.random.default_rng(13).standard_normal((1, 8, 8, 2)).astype(np.float32)
+  boxes = np.tile(np.array([[[1.0, 1.0, 6.0, 6.0]]], np.float32), (1, 256, 1))
 
   @functools.partial(jax.jit, static_argnums=2)
   def grad(f, b, dtype):
@@ -220,8 +220,24 @@ def test_roi_align_bfloat16_gradient_accumulates_in_float32():
   low = np.asarray(grad(features, boxes, jnp.bfloat16))
   # Only the final cast to bfloat16 (8 mantissa bits) may cost accuracy: relative error < 2^-8.
   np.testing.assert_allclose(low, exact, rtol=2.0**-8, atol=0)
+  # XLA CPU computes bfloat16 arithmetic in float32 anyway, so check the program itself: every
+  # scatter-add of the backward pass accumulates into a float32 buffer (GPUs add bfloat16 natively).
+  jaxpr = jax.make_jaxpr(grad.__wrapped__, static_argnums=2)(features, boxes, jnp.bfloat16)
+  scatters = [eqn for eqn in _all_eqns(jaxpr.jaxpr) if eqn.primitive.name == 'scatter-add']
+  assert scatters and all(e.invars[0].aval.dtype == jnp.float32 for e in scatters)
   out = jitted_roi_align(7, 1.0, 2, True)(features.astype(jnp.bfloat16), boxes[:, :2])
   assert out.dtype == jnp.bfloat16
+
+
+def _all_eqns(jaxpr):
+  """Every equation of a jaxpr, including those of nested jaxprs (jit, custom_vjp, ...)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          yield from _all_eqns(inner)
 
 
 def test_roi_align_rejects_unsupported_sampling_ratio():
