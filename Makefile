@@ -4,8 +4,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v p
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_WORKERS ?= 2
+DEMO_DIR ?= /tmp/maskrcnn_shapes_demo
 
-.PHONY: install test clean
+.PHONY: install test demo clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +19,9 @@ install: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+
+demo: $(VENV)/.installed
+	PYTHON=$(PY) bash launch/demo.sh $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -158,4 +158,16 @@ def get_config(arg=None):
   evaluation.every_steps = 2500         # num_steps_per_eval
   evaluation.checkpoint_step = -1       # eval mode: -1 = the latest checkpoint
 
+  # ---------------------------------------------------------------- benchmark
+  # --config.mode=benchmark_train | benchmark_inference: the reference's benchmark scripts
+  # (launch/benchmark_{training,inference}.py), batch from train/eval.per_device_batch_size,
+  # canvas from data.image_size; result in <workdir>/<mode>.json (maskrcnn_jax.benchmark).
+  benchmark = config.benchmark = ml_collections.ConfigDict()
+  benchmark.num_steps = 200             # steps in all, warm-up included (the reference: 200)
+  benchmark.warmup_steps = 100          # left out of the average (the reference: 100)
+  benchmark.data = 'synthetic'          # 'synthetic' (no TensorFlow) or 'real' (prepared TFDS)
+  benchmark.num_devices = 0             # local devices to use; 0 = all
+  benchmark.peak_tflops = 0.0           # per-device peak for the MFU; 0 = by device kind
+  benchmark.torchvision = False         # also time torchvision's Mask R-CNN (if importable)
+
   return config

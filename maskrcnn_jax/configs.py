@@ -15,7 +15,7 @@ import ml_collections
 
 PRECISIONS = ('float32', 'bfloat16', 'float16')
 RESNET_DEPTHS = (18, 34, 50, 101)
-MODES = ('train', 'eval', 'train_and_eval')
+MODES = ('train', 'eval', 'train_and_eval', 'benchmark_train', 'benchmark_inference')
 ANCHOR_CONVENTIONS = ('reference', 'torchvision')
 
 

@@ -1,0 +1,116 @@
+#!/bin/bash
+# GPU checks in one go: training (bfloat16, batch 2/4/8 per GPU) and inference (bfloat16, batch
+# 2/4/8) throughput on synthetic data at the reference canvas (832x1344), each with compile time,
+# FLOPs/image, MFU and device memory, and a jax.profiler trace of a few steps summarised per
+# stage (backbone, fpn, rpn_head, box_head, mask_head, other) and per op for batch 4 training
+# and batch 8 inference. Results: one JSON per run and summary.txt under $OUT.
+#
+# On the lent GPU machine (no TensorFlow, no registry; clu and ml_collections come as wheels,
+# see /work/shared/wheels-gpu/README.md): copy the wheels into .whl/ beside the repository root
+# (mkdir -p .whl && cp ../shared/wheels-gpu/*.whl .whl/ ; .whl must be git-ignored), then call
+# the device tool with carry=[".whl"] and the command
+#     bash launch/gpu_checks.sh
+# It fits the 10-minute command limit on an H200 with about 2 minutes to spare: ~1 min compile
+# per configuration, 40 training / 40 inference steps each. Set STAGES=1 to add the per-stage
+# breakdown (one more compile per stage; only if time allows). On a CPU, test it with
+#     bash launch/gpu_checks.sh --smoke          # tiny model, 64x64, a few steps, ~3 minutes
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+SMOKE=0
+[[ "${1:-}" == "--smoke" ]] && SMOKE=1
+OUT="${OUT:-/tmp/gpu_checks}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+export TF_CPP_MIN_LOG_LEVEL=2
+
+if [[ $SMOKE == 1 ]]; then
+  cat > "$OUT/smoke_config.py" <<PYEOF
+import sys
+sys.path.insert(0, '$PWD/configs')
+import tiny
+
+
+def get_config(arg=None):
+  config = tiny.get_config(arg)
+  config.data.image_size = (64, 64)
+  config.model.fpn_channels = 16
+  config.model.roi.mlp_head_dim = 32
+  config.model.mask.conv_dim = 16
+  config.model.mask.num_convs = 1
+  return config
+PYEOF
+  CONFIG="$OUT/smoke_config.py"; CANVAS=64x64; BATCHES="1 2"; PROFILE_TRAIN=1; PROFILE_INFER=2
+  TRAIN_STEPS="--num_steps 3 --warmup_steps 1"; INFER_STEPS="--num_steps 3 --warmup_steps 1"
+  LIMIT=300
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0"
+else
+  CONFIG=configs/coco_r50.py; CANVAS=832x1344; BATCHES="2 4 8"; PROFILE_TRAIN=4; PROFILE_INFER=8
+  TRAIN_STEPS="--num_steps 40 --warmup_steps 15"; INFER_STEPS="--num_steps 40 --warmup_steps 5"
+  LIMIT=150
+fi
+
+{
+  echo "date: $(date -Is)"; echo "host: $(hostname)"; uptime
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+  "$PY" -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())'
+} > "$OUT/environment.txt" 2>&1
+cat "$OUT/environment.txt"
+
+run() {  # run NAME SCRIPT ARGS...: one benchmark, its log and JSON under $OUT, a time limit
+  local name=$1 script=$2; shift 2
+  echo "=== $name"
+  timeout "$LIMIT" "$PY" "launch/$script" --config "$CONFIG" --image_size "$CANVAS" \
+      --output "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 3 "$OUT/$name.log"
+  [[ $rc == 0 ]] || echo "$name failed (exit $rc), see $OUT/$name.log"
+}
+
+for b in $BATCHES; do
+  extra=()
+  [[ $b == "$PROFILE_TRAIN" ]] && extra=(--profile_dir "$OUT/trace_train_b$b")
+  [[ $b == "$PROFILE_TRAIN" && "${STAGES:-0}" == 1 ]] && extra+=(--stages)
+  run "train_bf16_b$b" benchmark_training.py --precision bfloat16 --batch_size "$b" \
+      $TRAIN_STEPS "${extra[@]}"
+done
+for b in $BATCHES; do
+  extra=()
+  [[ $b == "$PROFILE_INFER" ]] && extra=(--profile_dir "$OUT/trace_infer_b$b")
+  run "infer_bf16_b$b" benchmark_inference.py --precision bfloat16 --batch_size "$b" \
+      $INFER_STEPS "${extra[@]}"
+done
+
+# The traces are large: keep the summaries (in the JSONs), drop the raw files unless asked.
+[[ "${KEEP_TRACES:-0}" == 1 ]] || rm -rf "$OUT"/trace_*
+
+"$PY" - "$OUT" <<'PYEOF' | tee "$OUT/summary.txt"
+import glob, json, os, sys
+out = sys.argv[1]
+print(f"{'run':<16} {'img/s':>8} {'step ms':>8} {'compile s':>9} {'GFLOP/img':>9} {'MFU %':>6}"
+      f" {'mem GiB':>7}  latency p50/p99 ms")
+for path in sorted(glob.glob(os.path.join(out, '*.json'))):
+  r = json.load(open(path))
+  if 'images_per_sec' not in r:
+    continue
+  mem = (r.get('memory') or {}).get('peak_bytes_in_use')
+  lat = r.get('latency_ms') or {}
+  print(f"{os.path.basename(path)[:-5]:<16} {r['images_per_sec']:8.2f} {r['step_time_ms']:8.1f}"
+        f" {r['compile_s']:9.1f} {(r['flops_per_image'] or 0) / 1e9:9.1f}"
+        f" {100 * (r['mfu'] or 0):6.1f} {(mem or 0) / 2**30:7.2f}"
+        f"  {lat.get('p50', float('nan')):.0f}/{lat.get('p99', float('nan')):.0f}")
+  prof = r.get('profile')
+  if prof and 'stage_ms' in prof:
+    total = prof['total_ms'] or 1.0
+    stages = ', '.join(f'{k} {100 * v / total:.0f}%' for k, v in
+                       sorted(prof['stage_ms'].items(), key=lambda kv: -kv[1]))
+    print(f"  profile ({prof['total_ms']:.0f} ms device time): {stages}")
+    for op, ms, stage in prof["top_ops"][:8]:
+      print(f"    {ms:9.1f} ms  {op[:60]}  {stage}")
+PYEOF

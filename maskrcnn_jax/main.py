@@ -1,0 +1,117 @@
+"""Command line: train and/or evaluate Mask R-CNN.
+
+  python -m maskrcnn_jax.main --config=configs/coco_r50.py --workdir=/tmp/mrcnn \
+    [--config.mode=train|eval|train_and_eval] [--config.train.per_device_batch_size=4 ...]
+
+Throughput benchmarks on synthetic data (the reference's benchmark scripts; see
+maskrcnn_jax/benchmark.py and config.benchmark): ``--config.mode=benchmark_train`` or
+``benchmark_inference`` with e.g. ``--config.benchmark.num_steps=200``; the result is written to
+``<workdir>/<mode>.json``.
+
+The mode is config.mode (the reference's default: train_and_eval). eval evaluates the latest
+checkpoint in the workdir, or ``--config.eval.checkpoint_step=N``; benchmark_train and
+benchmark_inference run `maskrcnn_jax.benchmark` as config.benchmark describes. Rerunning a
+command resumes from the latest checkpoint. Several hosts: start one process per host with the
+usual environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, or
+SLURM / Open MPI); each host reads its own share of every batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _multi_process_env() -> bool:
+  """True when the environment describes a multi-process (multi-host) job."""
+  env = os.environ
+  if int(env.get('JAX_NUM_PROCESSES', '1') or 1) > 1:
+    return True
+  for key in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'PMI_SIZE'):
+    if int(env.get(key, '1') or 1) > 1:
+      return True
+  return False
+
+
+def _initialize_distributed(jax) -> None:
+  """jax.distributed.initialize from JAX_* variables, else from the cluster (SLURM, Open MPI)."""
+  env = os.environ
+  if 'JAX_NUM_PROCESSES' in env:
+    # jax reads JAX_COORDINATOR_ADDRESS itself but not the process count and id.
+    jax.distributed.initialize(coordinator_address=env.get('JAX_COORDINATOR_ADDRESS'),
+                               num_processes=int(env['JAX_NUM_PROCESSES']),
+                               process_id=int(env['JAX_PROCESS_ID']))
+  else:
+    jax.distributed.initialize()
+
+
+def _hide_gpus_from_tensorflow() -> None:
+  """TensorFlow (used on the host for data only) must not grab GPU memory."""
+  try:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return
+  tf.config.set_visible_devices([], 'GPU')
+
+
+def _benchmark(config, workdir: str) -> int:
+  """benchmark_train / benchmark_inference: `maskrcnn_jax.benchmark` (no TensorFlow needed),
+  the result in ``<workdir>/<mode>.json``."""
+  from maskrcnn_jax import benchmark  # pylint: disable=import-outside-toplevel
+  result = benchmark.config_benchmark(config)
+  os.makedirs(workdir, exist_ok=True)
+  benchmark.write_json(result, os.path.join(workdir, f'{config.mode}.json'))
+  print(benchmark.summary_line(result))
+  return 0
+
+
+def main(argv) -> int:
+  del argv
+  from maskrcnn_jax import configs  # pylint: disable=import-outside-toplevel
+  config = FLAGS.config
+  # Before anything heavy is imported: a bad value fails in a second.
+  try:
+    configs.validate_config(config)
+  except configs.ConfigError as e:
+    print(f'error: invalid config: {e}', file=sys.stderr)
+    return 2
+  import jax  # pylint: disable=import-outside-toplevel
+  from maskrcnn_jax.train import loop  # pylint: disable=import-outside-toplevel
+  _hide_gpus_from_tensorflow()
+  if _multi_process_env():
+    _initialize_distributed(jax)
+  logging.info('JAX %s, process %d of %d, local devices %s', jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_devices())
+  if config.mode.startswith('benchmark_'):
+    return _benchmark(config, FLAGS.workdir)
+  from maskrcnn_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from maskrcnn_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  try:
+    result = loop.run(config, FLAGS.workdir)
+  except (pipeline.DatasetNotPreparedError, checkpoint.NoCheckpointError,
+          loop.NonFiniteLossError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  if isinstance(result, dict):
+    print('final metrics: ' + ' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
+                                       for k, v in result.items()))
+  return 0
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,107 @@
+"""The benchmark scripts and the main program's benchmark mode on a tiny model: 3 steps each,
+JSON with the expected keys.
+
+Runs ``launch/benchmark_{training,inference}.py`` as a user does, in subprocesses with XLA's
+backend optimisations off (a few steps of a tiny model are all compilation) and a shared
+persistent compilation cache. No timing is asserted.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+TINIER = '''
+import sys
+sys.path.insert(0, {configs!r})
+import tiny
+
+
+def get_config(arg=None):
+  config = tiny.get_config(arg)
+  config.data.image_size = (64, 64)
+  config.model.fpn_channels = 16
+  config.model.roi.mlp_head_dim = 32
+  config.model.mask.conv_dim = 16
+  config.model.mask.num_convs = 1
+  return config
+'''
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp('bench')
+  config = root / 'tinier.py'
+  config.write_text(TINIER.format(configs=str(REPO / 'configs')))
+  env = dict(os.environ)
+  env.update(TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_backend_optimization_level=0',
+             JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return root, config, env
+
+
+def _run(script, config, env, output, *extra):
+  cmd = [sys.executable, str(REPO / 'launch' / script), f'--config={config}', '--num_steps=3',
+         '--warmup_steps=1', f'--output={output}', *extra]
+  out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stdout + out.stderr
+  return json.loads(pathlib.Path(output).read_text()), out.stdout
+
+
+def test_training_json(setup):
+  from maskrcnn_jax import benchmark  # pylint: disable=import-outside-toplevel
+  root, config, env = setup
+  result, stdout = _run('benchmark_training.py', config, env, root / 'train.json',
+                        '--batch_size=1', '--cpu_devices=2', '--num_devices=2')
+  assert set(benchmark.RESULT_KEYS) <= set(result)
+  assert result['benchmark'] == 'training' and result['framework'] == 'maskrcnn_jax'
+  assert result['num_devices'] == 2 and result['global_batch_size'] == 2
+  assert result['timed_steps'] == 2 and result['image_size'] == [64, 64]
+  assert result['images_per_sec'] > 0 and result['compile_s'] > 0
+  assert result['flops_per_image'] > 0
+  assert result['memory'] is None or 'bytes_in_use' in result['memory']
+  assert result['torchvision'] is None
+  assert 'img/s' in stdout
+
+
+def test_inference_json(setup):
+  from maskrcnn_jax import benchmark  # pylint: disable=import-outside-toplevel
+  root, config, env = setup
+  result, _ = _run('benchmark_inference.py', config, env, root / 'infer.json',
+                   '--batch_size=2', '--precision=bfloat16', '--latency_steps=2')
+  assert set(benchmark.RESULT_KEYS + benchmark.INFERENCE_KEYS) <= set(result)
+  assert result['benchmark'] == 'inference' and result['precision'] == 'bfloat16'
+  assert result['per_device_batch_size'] == 2
+  assert set(result['latency_ms']) >= {'p50', 'p90', 'p95', 'p99'}
+  assert result['latency_ms']['count'] == 2
+
+
+def test_helpers():
+  from maskrcnn_jax import benchmark  # pylint: disable=import-outside-toplevel
+  assert benchmark.parse_image_size('832x1344') == (832, 1344)
+  assert benchmark.parse_image_size('512') == (512, 512)
+  assert benchmark.peak_tflops_for('NVIDIA H200', 'bfloat16') == 989.0
+  assert benchmark.peak_tflops_for('cpu', 'float32') is None
+
+
+def test_main_benchmark_mode(setup):
+  """``python -m maskrcnn_jax.main --config.mode=benchmark_inference`` (the same program as
+  test_inference_json's, so the compilation cache serves it)."""
+  root, config, env = setup
+  workdir = root / 'main'
+  cmd = [sys.executable, '-m', 'maskrcnn_jax.main', f'--config={config}', f'--workdir={workdir}',
+         '--config.mode=benchmark_inference', '--config.benchmark.num_steps=3',
+         '--config.benchmark.warmup_steps=1', '--config.eval.per_device_batch_size=2',
+         '--config.model.precision=bfloat16']
+  out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stdout + out.stderr
+  result = json.loads((workdir / 'benchmark_inference.json').read_text())
+  assert result['benchmark'] == 'inference' and result['num_steps'] == 3
+  assert 'img/s' in out.stdout

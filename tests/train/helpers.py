@@ -1,0 +1,76 @@
+"""Shared set-up of the train-step tests: the toy model with the real optimizer and step."""
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maskrcnn_jax.data import synthetic
+from maskrcnn_jax.modeling import frozen_param_mask
+from maskrcnn_jax.train import optimizer, precision, state as state_lib, step as step_lib
+
+import toy_model
+
+IMAGE = (32, 32)
+
+
+def settings(**overrides):
+  base = dict(learning_rate=0.1, warmup_steps=0, warmup_learning_rate=0.0,
+              learning_rate_steps=(100,), learning_rate_decay_factors=(0.1,))
+  base.update(overrides)
+  return optimizer.OptimizerSettings(**base)
+
+
+def random_variables(model, seed=0):
+  """Variables of the toy model drawn with NumPy: XLA CPU takes seconds to compile flax's
+  initialisers, and these tests compile enough already. Batch norm: the identity."""
+  images = jnp.zeros((1,) + IMAGE + (3,), jnp.float32)
+  sizes = jnp.asarray([IMAGE], jnp.int32)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, sizes))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, a):
+    name = jax.tree_util.keystr(path)
+    if "'batch_stats'" in name:
+      return jnp.full(a.shape, 1.0 if ("'var'" in name or "'scale'" in name) else 0.0, a.dtype)
+    return jnp.asarray(rng.normal(0.0, 0.3, a.shape), a.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def setup(freeze_at=2, dtype=jnp.float32, dynamic_scale=False, initial_scale=2.0 ** 12,
+          growth_interval=2000, **opt):
+  """(model, unreplicated state, per-device step function) for the toy model."""
+  model = toy_model.ToyDetector(dtype=dtype)
+  variables = random_variables(model)
+  s = settings(**opt)
+  frozen = frozen_param_mask(variables['params'], freeze_at)
+  tx, schedule = optimizer.make_optimizer(s, variables['params'], frozen)
+  loss_scale = precision.LossScale.create(dynamic_scale, initial_scale, growth_interval)
+  state = state_lib.create_train_state(variables, tx, loss_scale)
+  fn = step_lib.make_train_step(
+      model, tx, schedule, jax.random.PRNGKey(1), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), dtype,
+      mutable_batch_stats=False, accumulation_steps=s.gradient_accumulation_steps,
+      l2_weight_decay=s.l2_weight_decay,
+      trainable_mask=jax.tree_util.tree_map(lambda f: not f, frozen))
+  return model, state, fn
+
+
+def batch(batch_size=4, seed=0):
+  b = synthetic.synthetic_batch(batch_size, IMAGE, 4, 4, num_classes=4, seed=seed)
+  return {k: b[k] for k in step_lib.TRAIN_KEYS}
+
+
+def shard(b, num_devices):
+  return {k: v.reshape((num_devices, -1) + v.shape[1:]) for k, v in b.items()}
+
+
+def run_steps(state, fn, batches, num_devices=1):
+  """Runs the pmapped step over batches; returns the unreplicated state and last metrics."""
+  p = jax.pmap(fn, axis_name=step_lib.AXIS, devices=jax.local_devices()[:num_devices])
+  rep = step_lib.replicate(state, jax.local_devices()[:num_devices])
+  m = None
+  for b in batches:
+    rep, m = p(rep, shard(b, num_devices))
+  return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), rep), jax.tree_util.tree_map(
+      lambda x: x[0], m)
