@@ -130,6 +130,15 @@ def get_config(arg=None):
   test.pre_nms_topk = 1000
   test.min_box_size = 0.0               # drop detections narrower/shorter (torchvision: 1e-2)
 
+  # ---------------------------------------------------------------- initialisation
+  # torchvision state dicts (.pth with torch installed, .npz or .safetensors; nothing is
+  # downloaded) loaded when a run starts without a checkpoint in its workdir. The reference
+  # starts from an ImageNet ResNet-50: e.g. torchvision's resnet50 (IMAGENET1K_V1) file.
+  init = config.init = ml_collections.ConfigDict()
+  init.torchvision_backbone = ''        # ImageNet resnet{depth} state dict
+  init.torchvision_backbone_prefix = ''  # key prefix, e.g. 'backbone.body.' in a detection file
+  init.torchvision_maskrcnn = ''        # a whole maskrcnn_resnet50_fpn (configs/torchvision_r50.py)
+
   # ---------------------------------------------------------------- training
   train = config.train = ml_collections.ConfigDict()
   train.per_device_batch_size = 2       # train_batch_size (per GPU)

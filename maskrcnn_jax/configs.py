@@ -139,6 +139,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _int(config, 'eval.every_steps', 1)
   _int(config, 'eval.checkpoint_step', -1)
 
+  for key in ('init.torchvision_backbone', 'init.torchvision_maskrcnn'):
+    path = _get(config, key)
+    _check(isinstance(path, str), key, path, 'must be a file path or empty')
+    if path:
+      _check(pathlib.Path(path).expanduser().is_file(), key, path, 'no such file')
+  _check(isinstance(_get(config, 'init.torchvision_backbone_prefix'), str),
+         'init.torchvision_backbone_prefix', config.init.torchvision_backbone_prefix,
+         'must be a string')
+
 
 def validate_model_config(model: ml_collections.ConfigDict) -> None:
   """Validates ``config.model`` alone (keys are reported with the ``model.`` prefix)."""

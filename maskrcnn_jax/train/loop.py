@@ -110,11 +110,24 @@ class Experiment:
       step = self.manager.latest_step()
       logging.info('resuming from %s step %d', self.manager.directory, step)
       return ckpt.restore(self.manager, self.abstract_state, step)
-    logging.info('no checkpoint in %s: initialising from scratch (seed %d)',
-                 self.manager.directory, self.config.seed)
+    logging.info('no checkpoint in %s: initialising (seed %d)', self.manager.directory,
+                 self.config.seed)
+    variables = self.initial_variables()
+    return jax.jit(lambda v: state_lib.create_train_state(v, self.tx, self.loss_scale))(variables)
+
+  def initial_variables(self) -> dict:
+    """Fresh variables, with config.init's torchvision weights put in when it names any."""
     variables = state_lib.init_variables(self.model, self.init_key,
                                          tuple(self.config.data.image_size))
-    return jax.jit(lambda v: state_lib.create_train_state(v, self.tx, self.loss_scale))(variables)
+    init = self.config.init
+    if init.torchvision_maskrcnn or init.torchvision_backbone:
+      from maskrcnn_jax import weights  # pylint: disable=import-outside-toplevel
+      logging.info('loading torchvision weights: %s',
+                   init.torchvision_maskrcnn or init.torchvision_backbone)
+      variables = weights.load_pretrained(
+          variables, self.config.model, init.torchvision_maskrcnn, init.torchvision_backbone,
+          init.torchvision_backbone_prefix)
+    return variables
 
   def save(self, state_replicated, step: int) -> None:
     # NumPy arrays: Orbax writes them from the first process only, the right thing for a state
@@ -238,13 +251,17 @@ def train(config, workdir: str, evaluate_every: bool = False) -> TrainResult:
 
 
 def evaluate(config, workdir: str) -> dict[str, float] | None:
-  """eval mode: evaluates config.eval.checkpoint_step (-1: the latest checkpoint)."""
-  _check_has_checkpoint(workdir)
+  """eval mode: evaluates config.eval.checkpoint_step (-1: the latest checkpoint), or, in a
+  workdir without checkpoints, the weights named by config.init.torchvision_maskrcnn (step 0)."""
+  _check_has_checkpoint(config, workdir)
   exp = Experiment(config, workdir)
-  step = int(config.eval.checkpoint_step)
-  state = ckpt.restore(exp.manager, exp.abstract_state, None if step < 0 else step)
-  step = int(state.step)
-  replicated = step_lib.replicate(state.variables)
+  if exp.manager.latest_step() is None:
+    step, variables = 0, exp.initial_variables()
+  else:
+    step = int(config.eval.checkpoint_step)
+    state = ckpt.restore(exp.manager, exp.abstract_state, None if step < 0 else step)
+    step, variables = int(state.step), state.variables
+  replicated = step_lib.replicate(variables)
   line = exp.evaluate(replicated, step, _writer(workdir))
   exp.manager.close()
   if line is not None:
@@ -252,11 +269,13 @@ def evaluate(config, workdir: str) -> dict[str, float] | None:
   return line
 
 
-def _check_has_checkpoint(workdir: str) -> None:
+def _check_has_checkpoint(config, workdir: str) -> None:
   """Fails fast, before the model is built, when eval has nothing to evaluate."""
   directory = ckpt.checkpoint_dir(workdir)
-  if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
-    raise ckpt.NoCheckpointError(f'no checkpoint in {directory}')
+  has_checkpoint = os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+  if not has_checkpoint and not config.init.torchvision_maskrcnn:
+    raise ckpt.NoCheckpointError(
+        f'no checkpoint in {directory} (and config.init.torchvision_maskrcnn names no weights)')
 
 
 def check_datasets(config) -> None:
@@ -274,7 +293,7 @@ def check_datasets(config) -> None:
 def run(config, workdir: str):
   """Dispatches on config.mode: 'train', 'eval' or 'train_and_eval'."""
   if config.mode == 'eval':
-    _check_has_checkpoint(workdir)
+    _check_has_checkpoint(config, workdir)
   check_datasets(config)
   if config.mode == 'train':
     return train(config, workdir).eval_metrics

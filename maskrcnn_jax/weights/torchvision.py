@@ -233,3 +233,41 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
             for k, v in obj.items() if hasattr(v, 'numpy')}
   raise ValueError(f'unsupported weights file {path}: use .npz, .safetensors or .pth')
+
+
+def load_pretrained(variables: dict, model_config, maskrcnn_path: str = '',
+                    backbone_path: str = '', backbone_prefix: str = '') -> dict:
+  """Freshly initialised model variables with torchvision weights put in.
+
+  Args:
+    variables: ``{'params', 'batch_stats'}`` of ``build_model(model_config)`` (fresh init).
+    model_config: ``config.model``.
+    maskrcnn_path: a whole ``maskrcnn_resnet50_fpn`` state dict file (replaces every variable).
+    backbone_path: an ImageNet ``resnet{depth}`` state dict file (replaces the backbone only; the
+      FPN and heads keep their initialisation). Ignored when ``maskrcnn_path`` is given.
+    backbone_prefix: prefix of the backbone keys in ``backbone_path`` (e.g. ``'backbone.body.'``
+      to take the backbone of a detection checkpoint).
+
+  Returns:
+    Variables of the same structure, shapes and dtypes as ``variables``.
+
+  Raises:
+    WeightImportError: the file does not fit the model (the message names the keys).
+  """
+  if maskrcnn_path:
+    imported = from_torchvision(load_state_dict(maskrcnn_path), model_config)
+  elif backbone_path:
+    backbone = resnet_from_torchvision(
+        load_state_dict(backbone_path), int(model_config.backbone.depth),
+        finetune_bn=bool(model_config.backbone.finetune_bn), prefix=backbone_prefix)
+    imported = {collection: dict(tree) for collection, tree in variables.items()}
+    for collection, tree in backbone.items():
+      imported.setdefault(collection, {})['backbone'] = tree
+  else:
+    return variables
+  expected = jax.tree_util.tree_structure(variables)
+  if jax.tree_util.tree_structure(imported) != expected:
+    raise WeightImportError(f'weights from {maskrcnn_path or backbone_path} do not have the '
+                            f'variable layout of the configured model')
+  return jax.tree_util.tree_map(lambda new, old: jnp.asarray(new, old.dtype).reshape(old.shape),
+                                imported, variables)

@@ -120,3 +120,30 @@ def test_load_state_dict_npz_and_errors(tmp_path):
   (tmp_path / 'w.bin').write_bytes(b'')
   with pytest.raises(ValueError, match='unsupported'):
     load_state_dict(tmp_path / 'w.bin')
+
+
+def test_load_pretrained_backbone_into_a_whole_model(tmp_path):
+  """config.init.torchvision_backbone: an ImageNet resnet18 file replaces the backbone only."""
+  from maskrcnn_jax.modeling import build_model, init_variables  # pylint: disable=g-import-not-at-top
+  from maskrcnn_jax.weights import load_pretrained  # pylint: disable=g-import-not-at-top
+  config = load_config(ROOT / 'configs/tiny.py')
+  sd = synthetic_torchvision_state_dict(_resnet18_names_and_shapes(), seed=3)
+  path = tmp_path / 'resnet18.npz'
+  np.savez(path, **sd)
+  config.init.torchvision_backbone = str(path)
+  from maskrcnn_jax.configs import validate_config  # pylint: disable=g-import-not-at-top
+  validate_config(config)
+  model = build_model(config.model)
+  fresh = jax.device_get(init_variables(model, jax.random.key(0), 64, 64))
+  loaded = load_pretrained(fresh, config.model, backbone_path=str(path))
+  # torchvision conv (O, I, kh, kw) -> flax (kh, kw, I, O); the rest of the model is untouched.
+  np.testing.assert_array_equal(loaded['params']['backbone']['conv1']['kernel'],
+                                np.transpose(sd['conv1.weight'], (2, 3, 1, 0)))
+  assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(fresh)
+  for a, b in zip(jax.tree_util.tree_leaves(loaded['params']['fpn']),
+                  jax.tree_util.tree_leaves(fresh['params']['fpn'])):
+    np.testing.assert_array_equal(a, b)
+  # A missing file is named with its config key at validation time.
+  config.init.torchvision_backbone = str(tmp_path / 'missing.npz')
+  with pytest.raises(Exception, match='init.torchvision_backbone'):
+    validate_config(config)
