@@ -8,17 +8,26 @@
 # On the lent GPU machine (no TensorFlow, no registry; clu and ml_collections come as wheels,
 # see /work/shared/wheels-gpu/README.md): copy the wheels into .whl/ beside the repository root
 # (mkdir -p .whl && cp ../shared/wheels-gpu/*.whl .whl/ ; .whl must be git-ignored), then call
-# the device tool with carry=[".whl"] and the command
-#     bash launch/gpu_checks.sh
-# It fits the 10-minute command limit on an H200 with about 2 minutes to spare: ~1 min compile
-# per configuration, 40 training / 40 inference steps each. Set STAGES=1 to add the per-stage
-# breakdown (one more compile per stage; only if time allows). On a CPU, test it with
-#     bash launch/gpu_checks.sh --smoke          # tiny model, 64x64, a few steps, ~3 minutes
+# the device tool with carry=[".whl"], timeout_s=600 and the command
+#     bash launch/gpu_checks.sh train && bash launch/gpu_checks.sh infer
+# or, with more device time, `bash launch/gpu_checks.sh` (both parts). Each run has a
+# 150-second limit; a part is 3 runs of ~1 minute compile + 40 steps on an H200 (an estimate:
+# nothing here has run on a GPU yet). Results land in $OUT (on the device tool: the run's $OUT,
+# which comes back). STAGES=1 adds the per-stage breakdown to batch-4 training (one more
+# compile per stage; only with time to spare). On a CPU, test it with
+#     bash launch/gpu_checks.sh --smoke      # tiny model, 64x64, 3 steps; 5-10 min on 2 cores
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
 SMOKE=0
-[[ "${1:-}" == "--smoke" ]] && SMOKE=1
+PART=all
+for arg in "$@"; do
+  case "$arg" in
+    --smoke) SMOKE=1 ;;
+    train|infer|all) PART=$arg ;;
+    *) echo "usage: $0 [--smoke] [train|infer|all]" >&2; exit 2 ;;
+  esac
+done
 OUT="${OUT:-/tmp/gpu_checks}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
@@ -74,6 +83,7 @@ run() {  # run NAME SCRIPT ARGS...: one benchmark, its log and JSON under $OUT, 
 }
 
 for b in $BATCHES; do
+  [[ $PART == infer ]] && break
   extra=()
   [[ $b == "$PROFILE_TRAIN" ]] && extra=(--profile_dir "$OUT/trace_train_b$b")
   [[ $b == "$PROFILE_TRAIN" && "${STAGES:-0}" == 1 ]] && extra+=(--stages)
@@ -81,6 +91,7 @@ for b in $BATCHES; do
       $TRAIN_STEPS "${extra[@]}"
 done
 for b in $BATCHES; do
+  [[ $PART == train ]] && break
   extra=()
   [[ $b == "$PROFILE_INFER" ]] && extra=(--profile_dir "$OUT/trace_infer_b$b")
   run "infer_bf16_b$b" benchmark_inference.py --precision bfloat16 --batch_size "$b" \
@@ -100,11 +111,12 @@ for path in sorted(glob.glob(os.path.join(out, '*.json'))):
   if 'images_per_sec' not in r:
     continue
   mem = (r.get('memory') or {}).get('peak_bytes_in_use')
-  lat = r.get('latency_ms') or {}
+  lat = r.get('latency_ms')
+  mfu = f"{100 * r['mfu']:6.1f}" if r.get('mfu') is not None else f"{'-':>6}"
+  mem = f"{mem / 2**30:7.2f}" if mem else f"{'-':>7}"
+  lat = f"{lat['p50']:.0f}/{lat['p99']:.0f}" if lat else '-'
   print(f"{os.path.basename(path)[:-5]:<16} {r['images_per_sec']:8.2f} {r['step_time_ms']:8.1f}"
-        f" {r['compile_s']:9.1f} {(r['flops_per_image'] or 0) / 1e9:9.1f}"
-        f" {100 * (r['mfu'] or 0):6.1f} {(mem or 0) / 2**30:7.2f}"
-        f"  {lat.get('p50', float('nan')):.0f}/{lat.get('p99', float('nan')):.0f}")
+        f" {r['compile_s']:9.1f} {(r['flops_per_image'] or 0) / 1e9:9.1f} {mfu} {mem}  {lat}")
   prof = r.get('profile')
   if prof and 'stage_ms' in prof:
     total = prof['total_ms'] or 1.0

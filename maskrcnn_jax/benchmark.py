@@ -401,7 +401,8 @@ class TorchvisionRunner(_Runner):
 
   def __init__(self, cfg, host_batch: dict, train: bool, threads: int):
     import torch  # pylint: disable=import-outside-toplevel
-    from torchvision.models.detection.image_list import ImageList  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from torchvision.models.detection.image_list import ImageList
     self.torch, self.ImageList, self.train = torch, ImageList, train
     torch.set_num_threads(threads)
     self.threads = torch.get_num_threads()
@@ -520,7 +521,8 @@ def benchmark_training(config, *, num_steps: int = 200, warmup_steps: int = 100,
     rounds: timed windows per framework, alternated when comparing.
     profile_dir: if set, ``profile_steps`` more steps are traced with ``jax.profiler`` there
       after the timing, and ``result['profile']`` summarises the trace (`profile_summary`).
-    conv_weight_grad: 'xla' (the model as built) or 'im2col' (prototype, see `im2col_conv`).
+    conv_weight_grad: 'xla' (the model as built), 'im2col' (prototype, see `im2col_conv`) or
+      'both' (xla as the result, im2col timed in alternating windows: ``result['im2col']``).
 
   Returns:
     The result dict (`RESULT_KEYS`), with ``init_s``, ``final_loss``.
@@ -532,16 +534,26 @@ def benchmark_training(config, *, num_steps: int = 200, warmup_steps: int = 100,
   devices = _devices(num_devices)
   b = int(cfg.train.per_device_batch_size)
   result = _base_result('training', cfg, devices, b, data, num_steps, warmup_steps)
-  if conv_weight_grad not in ('xla', 'im2col'):
-    raise ValueError(f"conv_weight_grad must be 'xla' or 'im2col', not {conv_weight_grad!r}")
-  result['conv_weight_grad'] = conv_weight_grad
-  ours = _JaxTrain(cfg, devices, data, seed, conv_weight_grad=conv_weight_grad)
+  if conv_weight_grad not in ('xla', 'im2col', 'both'):
+    raise ValueError(f"conv_weight_grad must be 'xla', 'im2col' or 'both', not "
+                     f'{conv_weight_grad!r}')
+  both = conv_weight_grad == 'both'
+  result['conv_weight_grad'] = 'xla' if both else conv_weight_grad
+  ours = _JaxTrain(cfg, devices, data, seed, conv_weight_grad=result['conv_weight_grad'])
   runners: list[_Runner] = [ours]
   if torchvision:
     runners.append(TorchvisionRunner(cfg, ours.first_host_batch, True,
                                      torch_threads or os.cpu_count()))
+  if both:  # A/B of the im2col prototype in alternating windows of the same run
+    runners.append(_JaxTrain(cfg, devices, data, seed, conv_weight_grad='im2col'))
   timed = num_steps - warmup_steps
   totals = _interleaved(runners, warmup_steps, timed, rounds)
+  if both:
+    alt = runners[-1]
+    ips = alt.images_per_step * timed / totals[-1]
+    result['im2col'] = {'images_per_sec': ips, 'step_time_ms': 1e3 * totals[-1] / timed,
+                        'compile_s': alt.compile_s, 'final_loss': alt.last_loss(),
+                        'speedup_over_xla': ips * totals[0] / (ours.images_per_step * timed)}
   result['compile_s'] = ours.compile_s
   result['init_s'] = ours.init_s
   _finish_result(result, ours.compiled, devices, b, totals[0], ours.images_per_step * timed,
@@ -643,6 +655,9 @@ def summary_line(result: dict[str, Any]) -> str:
     lat = r['latency_ms']
     parts.append('latency p50/p90/p95/p99 ' + '/'.join(f"{lat[k]:.0f}" for k in
                                                         ('p50', 'p90', 'p95', 'p99')) + ' ms')
+  if r.get('im2col'):
+    parts.append(f"im2col prototype {r['im2col']['images_per_sec']:.3f} img/s "
+                 f"({r['im2col']['speedup_over_xla']:.2f}x)")
   if r.get('torchvision'):
     t = r['torchvision']
     parts.append(f"torchvision {t['images_per_sec']:.3f} img/s ({t['threads']} threads), "
@@ -803,8 +818,9 @@ def stage_breakdown(config, *, train: bool = True, per_device_batch_size: int = 
   m = cfg.model
 
   def pool(size):
-    return lambda v, f, r: model.apply(v, f, r, size, method=lambda mod, f, r, s: mod._pool(  # pylint: disable=protected-access
-        f, r, s))
+    def call_pool(mod, f, r, s):
+      return mod._pool(f, r, s)  # pylint: disable=protected-access
+    return lambda v, f, r: model.apply(v, f, r, size, method=call_pool)
 
   def head(name):
     return lambda v, x: model.apply(v, x, method=lambda mod, x: getattr(mod, name)(x))
@@ -937,8 +953,8 @@ def profile_summary(trace_dir: str, hlo_text: str | None = None, top: int = 25
                     ) -> dict[str, Any]:
   """Summary of the newest ``jax.profiler`` trace under ``trace_dir``: time per XLA op (the
   ``top`` largest, as [name, ms, stage]) and, given the compiled module's ``hlo_text``, per
-  model stage (see `hlo_stage_map`). GPU: the device planes' "XLA Ops" lines; CPU: the host events that carry
-  an ``hlo_op`` stat (thunks; a while loop's time includes its body's ops)."""
+  model stage (see `hlo_stage_map`). GPU: the device planes' "XLA Ops" lines; CPU: the host
+  events that carry an ``hlo_op`` stat (thunks; a while loop's time includes its body's ops)."""
   import glob  # pylint: disable=import-outside-toplevel
   from jax.profiler import ProfileData  # pylint: disable=import-outside-toplevel
   files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True),
@@ -1013,7 +1029,7 @@ def add_arguments(parser, kind: str) -> None:
     parser.add_argument('--latency_steps', type=int, default=None,
                         help='batches of the latency pass (default: the timed steps)')
   if train:
-    parser.add_argument('--conv_weight_grad', choices=('xla', 'im2col'), default='xla',
+    parser.add_argument('--conv_weight_grad', choices=('xla', 'im2col', 'both'), default='xla',
                         help='im2col: prototype CPU kernel gradient of the convolutions '
                         '(maskrcnn_jax.benchmark.im2col_conv)')
   parser.add_argument('--stages', action='store_true',

@@ -9,9 +9,8 @@ maskrcnn_jax/benchmark.py and config.benchmark): ``--config.mode=benchmark_train
 ``<workdir>/<mode>.json``.
 
 The mode is config.mode (the reference's default: train_and_eval). eval evaluates the latest
-checkpoint in the workdir, or ``--config.eval.checkpoint_step=N``; benchmark_train and
-benchmark_inference run `maskrcnn_jax.benchmark` as config.benchmark describes. Rerunning a
-command resumes from the latest checkpoint. Several hosts: start one process per host with the
+checkpoint in the workdir, or ``--config.eval.checkpoint_step=N``, or, in a workdir without
+checkpoints, the weights of ``--config.init.torchvision_maskrcnn``. Rerunning a command resumes from the latest checkpoint. Several hosts: start one process per host with the
 usual environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, or
 SLURM / Open MPI); each host reads its own share of every batch.
 """
