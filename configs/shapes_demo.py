@@ -12,8 +12,8 @@ training, evaluation). The command (what `make demo` runs after generating and p
 data; see the Makefile):
   python -m maskrcnn_jax.main --config=configs/shapes_demo.py --workdir=/tmp/shapes_demo/work \
     --config.data.tfds_data_dir=/tmp/shapes_demo/tfds
-Measured (2026-11-28, 2 shared CPU cores at load 5-7): box AP 0.641, mask AP 0.628 on the 200
-validation images, 16.4 min end to end (13.8 CPU-minutes); README.md has the table.
+Measured (2026-11-28, 2 quiet CPU cores): box AP 0.641, mask AP 0.628 on the 200 validation
+images, 9.3 min end to end (16.4 min with the machine shared at load 5-7); README.md has the table.
 """
 
 import pathlib
