@@ -40,22 +40,7 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 export TF_CPP_MIN_LOG_LEVEL=2
 
 if [[ $SMOKE == 1 ]]; then
-  cat > "$OUT/smoke_config.py" <<PYEOF
-import sys
-sys.path.insert(0, '$PWD/configs')
-import tiny
-
-
-def get_config(arg=None):
-  config = tiny.get_config(arg)
-  config.data.image_size = (64, 64)
-  config.model.fpn_channels = 16
-  config.model.roi.mlp_head_dim = 32
-  config.model.mask.conv_dim = 16
-  config.model.mask.num_convs = 1
-  return config
-PYEOF
-  CONFIG="$OUT/smoke_config.py"; CANVAS=64x64; BATCHES="1 2"; PROFILE_TRAIN=1; PROFILE_INFER=2
+  CONFIG=configs/tiny_smoke.py; CANVAS=64x64; BATCHES="1 2"; PROFILE_TRAIN=1; PROFILE_INFER=2
   TRAIN_STEPS="--num_steps 3 --warmup_steps 1"; INFER_STEPS="--num_steps 3 --warmup_steps 1"
   LIMIT=300
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0"

@@ -18,28 +18,11 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-TINIER = '''
-import sys
-sys.path.insert(0, {configs!r})
-import tiny
-
-
-def get_config(arg=None):
-  config = tiny.get_config(arg)
-  config.data.image_size = (64, 64)
-  config.model.fpn_channels = 16
-  config.model.roi.mlp_head_dim = 32
-  config.model.mask.conv_dim = 16
-  config.model.mask.num_convs = 1
-  return config
-'''
-
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp('bench')
-  config = root / 'tinier.py'
-  config.write_text(TINIER.format(configs=str(REPO / 'configs')))
+  config = REPO / 'configs' / 'tiny_smoke.py'
   env = dict(os.environ)
   env.update(TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_backend_optimization_level=0',

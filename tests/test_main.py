@@ -1,6 +1,6 @@
 """End to end through the command line (`python -m maskrcnn_jax.main`) on the real coco_sample.
 
-configs/tiny.py made tinier with overrides (64x64, 16-channel FPN), trained on coco_sample's six
+configs/tiny_smoke.py (configs/tiny.py at 64x64 with a 16-channel FPN), trained on coco_sample's six
 images (its only split, 'validation'). Every run is a subprocess, as a user runs it; they share a
 persistent compilation cache (the `env` fixture), since a few steps of a tiny model are mostly
 compilation. (Not XLA's ``--xla_backend_optimization_level=0``: it compiles faster, but two runs
@@ -77,11 +77,9 @@ def data_dir(tmp_path_factory):
 
 
 def _command(workdir, data_dir, *overrides):
-  return [sys.executable, '-m', 'maskrcnn_jax.main', '--config=configs/tiny.py',
+  return [sys.executable, '-m', 'maskrcnn_jax.main', '--config=configs/tiny_smoke.py',
           f'--workdir={workdir}', f'--config.data.tfds_data_dir={data_dir}',
-          '--config.data.train_split=validation', '--config.data.image_size=(64, 64)',
-          '--config.model.fpn_channels=16', '--config.model.roi.mlp_head_dim=32',
-          '--config.model.mask.conv_dim=16', '--config.model.mask.num_convs=1',
+          '--config.data.train_split=validation',
           '--config.data.num_workers=1',
           f'--config.train.total_steps={TOTAL_STEPS}',
           f'--config.train.checkpoint_every_steps={CKPT_EVERY}',
