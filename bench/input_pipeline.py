@@ -14,17 +14,15 @@ import argparse
 import os
 import pathlib
 import platform
-import sys
 import tempfile
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'configs'))
+from maskrcnn_jax import configs
+from maskrcnn_jax.data import pipeline
+from maskrcnn_jax.data import prepare
+from maskrcnn_jax.train import experiment
 
-import coco_r50  # pylint: disable=g-import-not-at-top,wrong-import-position
-from maskrcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
-from maskrcnn_jax.data import prepare  # pylint: disable=g-import-not-at-top,wrong-import-position
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def cpu_model() -> str:
@@ -45,17 +43,18 @@ def main() -> None:
   parser.add_argument('--num_workers', type=int, default=1)
   parser.add_argument('--data_dir', default='')
   args = parser.parse_args()
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow is imported by prepare below
 
   data_dir = args.data_dir or tempfile.mkdtemp(prefix='bench_input_')
   if not args.data_dir:
     prepare.prepare(data_dir, manual_dir=str(REPO / 'tests' / 'data' / 'coco_sample'),
                     show_progress=False)
-  config = coco_r50.get_config()
+  config = configs.load_config(REPO / 'configs' / 'coco_r50.py')
   config.data.tfds_data_dir = data_dir
   config.data.train_split = 'validation'
   source = pipeline.Source(config.data.tfds_name, 'validation', data_dir)
-  it = pipeline.train_iterator(config, args.batch_size, process_index=0, process_count=1,
-                               num_workers=args.num_workers, source=source)
+  it = experiment.build_train_iterator(config, args.batch_size, source=source, process_index=0,
+                                       process_count=1, num_workers=args.num_workers)
   for _ in range(3):  # warm-up: thread pool, first reads
     next(it)
   steps = max(1, args.num_images // args.batch_size)

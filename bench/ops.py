@@ -1,14 +1,14 @@
 """CPU benchmark of the NMS / proposal and RoIAlign ops against torchvision (not a test).
 
 Usage (from the repository root; torchvision side by side needs a venv with torch, torchvision
-and this package, e.g. /work/tvenv):
+and this package, here $TORCH_VENV):
 
-  /work/tvenv/bin/python bench/ops.py [--repeats 20] [--json out.json] [--no-torch]
+  $TORCH_VENV/bin/python bench/ops.py [--repeats 20] [--json out.json] [--no-torch]
   .venv/bin/python bench/ops.py          # JAX only when torch is not importable
 
 Workloads (the reference's training shapes, 832x1344 canvas, batch 2):
 
-* ``proposals``: :func:`maskrcnn_jax.ops.nms.multilevel_proposals` on P2-P6 anchors (3 per
+* ``proposals``: :func:`maskrcnn_jax.ops.proposals.multilevel_proposals` on P2-P6 anchors (3 per
   location: 209,664 on P2 down to 819 on P6) with random logits and deltas, 2000
   candidates per level, IoU 0.7, 1000 kept per level and overall. torchvision: the same steps as
   ``RegionProposalNetwork.filter_proposals`` (per-level top-k, ``BoxCoder.decode``,
@@ -42,6 +42,7 @@ import numpy as np
 
 from maskrcnn_jax.ops import anchors as anchor_ops
 from maskrcnn_jax.ops import nms as nms_ops
+from maskrcnn_jax.ops import proposals as proposal_ops
 from maskrcnn_jax.ops import roi_align as roi_ops
 from maskrcnn_jax.ops.boxes import box_iou, clip_boxes, decode_boxes
 
@@ -118,7 +119,7 @@ def _sweep_counts(boxes: np.ndarray, valid: np.ndarray, threshold: float, tile: 
 
 def bench_proposals(args, rng, torch_mods, clustered: bool):
   anchors, scores, deltas = _proposal_inputs(rng, clustered)
-  fn = jax.jit(lambda s, d, a, sz: nms_ops.multilevel_proposals(
+  fn = jax.jit(lambda s, d, a, sz: proposal_ops.multilevel_proposals(
       s, d, a, sz, PRE_NMS, POST_NMS, NMS_THRESHOLD, 0.0))
   jargs = ({k: jnp.asarray(v) for k, v in scores.items()},
            {k: jnp.asarray(v) for k, v in deltas.items()},
@@ -288,7 +289,7 @@ def bench_roi_align(args, rng, torch_mods):
 def _import_torch(no_torch: bool):
   if no_torch:
     return None
-  try:
+  try:  # torch is optional: without it the JAX side runs alone
     import torch  # pylint: disable=import-outside-toplevel
     import torchvision  # pylint: disable=import-outside-toplevel
   except ImportError:

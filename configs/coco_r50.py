@@ -26,7 +26,6 @@ def get_config(arg=None):
   data = config.data = ml_collections.ConfigDict()
   data.tfds_name = 'coco_instances'     # the project's TFDS builder (maskrcnn_jax.data)
   data.tfds_data_dir = ''               # '' = TFDS default (~/tensorflow_datasets)
-  data.manual_dir = ''                  # COCO download layout, read when the dataset is built
   data.train_split = 'train'
   data.eval_split = 'validation'
   # (height, width) the image is resized into (aspect preserved), then padded to a multiple of
@@ -38,11 +37,10 @@ def get_config(arg=None):
   data.gt_mask_size = 112               # GT masks cropped to the box at 112, stored (112+4)^2
   data.pixel_mean = (0.485, 0.456, 0.406)  # RGB in [0, 1]
   data.pixel_std = (0.229, 0.224, 0.225)
-  data.shuffle_buffer_size = 4096
   data.keep_images_without_annotations_in_training = False
   # Host input pipeline (maskrcnn_jax.data.pipeline): decoding threads (0 = one per CPU core)
-  # and batches prepared ahead of the consumer. shuffle_buffer_size is not used by it: the
-  # random-access pipeline shuffles each epoch globally by index.
+  # and batches prepared ahead of the consumer. The random-access pipeline shuffles each epoch
+  # globally by index (no shuffle buffer).
   data.num_workers = 0
   data.prefetch_batches = 2
 
@@ -119,7 +117,6 @@ def get_config(arg=None):
   mask.num_convs = 4
   mask.conv_dim = 256
   mask.loss_weight = 1.0
-  mask.gt_margin = 2                    # zero cells around each stored GT mask (116 = 112 + 2*2)
 
   test = model.test = ml_collections.ConfigDict()
   test.detections_per_image = 100
@@ -168,15 +165,15 @@ def get_config(arg=None):
   evaluation.checkpoint_step = -1       # eval mode: -1 = the latest checkpoint
 
   # ---------------------------------------------------------------- benchmark
-  # --config.mode=benchmark_train | benchmark_inference: the reference's benchmark scripts
-  # (launch/benchmark_{training,inference}.py), batch from train/eval.per_device_batch_size,
-  # canvas from data.image_size; result in <workdir>/<mode>.json (maskrcnn_jax.benchmark).
+  # --config.mode=benchmark_train | benchmark_inference (maskrcnn_jax.train.benchmark, result in
+  # <workdir>/<mode>.json) and bench/benchmark_{training,inference}.py: the reference's benchmark
+  # scripts. Batch from train/eval.per_device_batch_size, canvas from data.image_size, precision
+  # from model.precision. torchvision side by side is bench/'s (--torchvision), not a config key.
   benchmark = config.benchmark = ml_collections.ConfigDict()
   benchmark.num_steps = 200             # steps in all, warm-up included (the reference: 200)
   benchmark.warmup_steps = 100          # left out of the average (the reference: 100)
   benchmark.data = 'synthetic'          # 'synthetic' (no TensorFlow) or 'real' (prepared TFDS)
   benchmark.num_devices = 0             # local devices to use; 0 = all
   benchmark.peak_tflops = 0.0           # per-device peak for the MFU; 0 = by device kind
-  benchmark.torchvision = False         # also time torchvision's Mask R-CNN (if importable)
 
   return config

@@ -17,10 +17,10 @@ images, 9.3 min end to end (16.4 min with the machine shared at load 5-7); READM
 """
 
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import coco_r50  # pylint: disable=g-import-not-at-top
+from maskrcnn_jax.configs import import_config_module
+
+coco_r50 = import_config_module(pathlib.Path(__file__).resolve().parent / 'coco_r50.py')
 
 
 def get_config(arg=None):

@@ -5,10 +5,10 @@ Not meant to learn anything; it exercises every code path in seconds on a CPU:
 """
 
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import coco_r50  # pylint: disable=g-import-not-at-top
+from maskrcnn_jax.configs import import_config_module
+
+coco_r50 = import_config_module(pathlib.Path(__file__).resolve().parent / 'coco_r50.py')
 
 
 def get_config(arg=None):
@@ -16,7 +16,6 @@ def get_config(arg=None):
   config.data.image_size = (128, 128)
   config.data.max_instances = 8
   config.data.gt_mask_size = 16
-  config.data.shuffle_buffer_size = 16
   config.model.backbone.depth = 18
   config.model.fpn_channels = 32
   config.model.rpn.batch_size_per_image = 64

@@ -1,14 +1,14 @@
 """configs/tiny.py narrowed further for smoke runs of the benchmarks (a 64x64 canvas, FPN 16
 channels, one mask conv): seconds per step on a CPU.
 
-  python launch/benchmark_training.py --config configs/tiny_smoke.py --image_size 64x64 ...
+  python bench/benchmark_training.py --config=configs/tiny_smoke.py --config.benchmark.num_steps=3 ...
 """
 
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import tiny  # pylint: disable=g-import-not-at-top
+from maskrcnn_jax.configs import import_config_module
+
+tiny = import_config_module(pathlib.Path(__file__).resolve().parent / 'tiny.py')
 
 
 def get_config(arg=None):

@@ -21,10 +21,10 @@ at the reference's values: this overlay is for inference with imported weights.
 """
 
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import coco_r50  # pylint: disable=g-import-not-at-top
+from maskrcnn_jax.configs import import_config_module
+
+coco_r50 = import_config_module(pathlib.Path(__file__).resolve().parent / 'coco_r50.py')
 
 
 def get_config(arg=None):

@@ -5,17 +5,20 @@
 # stage (backbone, fpn, rpn_head, box_head, mask_head, other) and per op for batch 4 training
 # and batch 8 inference. Results: one JSON per run and summary.txt under $OUT.
 #
-# On the lent GPU machine (no TensorFlow, no registry; clu and ml_collections come as wheels,
-# see /work/shared/wheels-gpu/README.md): copy the wheels into .whl/ beside the repository root
-# (mkdir -p .whl && cp ../shared/wheels-gpu/*.whl .whl/ ; .whl must be git-ignored), then call
-# the device tool with carry=[".whl"], timeout_s=600 and the command
+# The benchmarks are bench/benchmark_training.py and bench/benchmark_inference.py, with the
+# config's flags (--config.train.per_device_batch_size=4 --config.model.precision=bfloat16 ...).
+# Needs: a GPU machine with jax, flax, optax, orbax-checkpoint and absl (no TensorFlow: synthetic
+# data). Without a registry there, bring clu and ml_collections as wheels: the shared folder
+# beside the repository keeps them (../shared/wheels-gpu/README.md); copy them into .whl/ in the
+# repository root (mkdir -p .whl && cp ../shared/wheels-gpu/*.whl .whl/ ; .whl is git-ignored),
+# which this script installs from. With the device tool: carry=[".whl"], timeout_s=600 and
 #     bash launch/gpu_checks.sh train && bash launch/gpu_checks.sh infer
 # or, with more device time, `bash launch/gpu_checks.sh` (both parts). Each run has a
 # 150-second limit; a part is 3 runs of ~1 minute compile + 40 steps on an H200 (an estimate:
 # nothing here has run on a GPU yet). Results land in $OUT (on the device tool: the run's $OUT,
 # which comes back). STAGES=1 adds the per-stage breakdown to batch-4 training (one more
 # compile per stage; only with time to spare). On a CPU, test it with
-#     bash launch/gpu_checks.sh --smoke      # tiny model, 64x64, 3 steps; 5-10 min on 2 cores
+#     bash launch/gpu_checks.sh --smoke      # tiny model, 64x64, 3 steps; a few minutes on 2 cores
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -30,7 +33,8 @@ for arg in "$@"; do
 done
 OUT="${OUT:-/tmp/gpu_checks}"
 mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
+PY="${PYTHON:-python3}"  # PYTHON=... to choose; the repository's .venv when it has one
+[[ -z "${PYTHON:-}" && -x .venv/bin/python ]] && PY=.venv/bin/python
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -40,14 +44,12 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 export TF_CPP_MIN_LOG_LEVEL=2
 
 if [[ $SMOKE == 1 ]]; then
-  CONFIG=configs/tiny_smoke.py; CANVAS=64x64; BATCHES="1 2"; PROFILE_TRAIN=1; PROFILE_INFER=2
-  TRAIN_STEPS="--num_steps 3 --warmup_steps 1"; INFER_STEPS="--num_steps 3 --warmup_steps 1"
-  LIMIT=300
+  CONFIG=configs/tiny_smoke.py; CANVAS="(64, 64)"; BATCHES="1 2"; PROFILE_TRAIN=1
+  PROFILE_INFER=2; TRAIN_STEPS=(3 1); INFER_STEPS=(3 1); LIMIT=300
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0"
 else
-  CONFIG=configs/coco_r50.py; CANVAS=832x1344; BATCHES="2 4 8"; PROFILE_TRAIN=4; PROFILE_INFER=8
-  TRAIN_STEPS="--num_steps 40 --warmup_steps 15"; INFER_STEPS="--num_steps 40 --warmup_steps 5"
-  LIMIT=150
+  CONFIG=configs/coco_r50.py; CANVAS="(832, 1344)"; BATCHES="2 4 8"; PROFILE_TRAIN=4
+  PROFILE_INFER=8; TRAIN_STEPS=(40 15); INFER_STEPS=(40 5); LIMIT=150
 fi
 
 {
@@ -60,8 +62,8 @@ cat "$OUT/environment.txt"
 run() {  # run NAME SCRIPT ARGS...: one benchmark, its log and JSON under $OUT, a time limit
   local name=$1 script=$2; shift 2
   echo "=== $name"
-  timeout "$LIMIT" "$PY" "launch/$script" --config "$CONFIG" --image_size "$CANVAS" \
-      --output "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$LIMIT" "$PY" "bench/$script" --config="$CONFIG" --config.data.image_size="$CANVAS" \
+      --config.model.precision=bfloat16 --output="$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   tail -n 3 "$OUT/$name.log"
   [[ $rc == 0 ]] || echo "$name failed (exit $rc), see $OUT/$name.log"
@@ -70,17 +72,19 @@ run() {  # run NAME SCRIPT ARGS...: one benchmark, its log and JSON under $OUT, 
 for b in $BATCHES; do
   [[ $PART == infer ]] && break
   extra=()
-  [[ $b == "$PROFILE_TRAIN" ]] && extra=(--profile_dir "$OUT/trace_train_b$b")
+  [[ $b == "$PROFILE_TRAIN" ]] && extra=(--profile_dir="$OUT/trace_train_b$b")
   [[ $b == "$PROFILE_TRAIN" && "${STAGES:-0}" == 1 ]] && extra+=(--stages)
-  run "train_bf16_b$b" benchmark_training.py --precision bfloat16 --batch_size "$b" \
-      $TRAIN_STEPS "${extra[@]}"
+  run "train_bf16_b$b" benchmark_training.py --config.train.per_device_batch_size="$b" \
+      --config.benchmark.num_steps="${TRAIN_STEPS[0]}" \
+      --config.benchmark.warmup_steps="${TRAIN_STEPS[1]}" "${extra[@]}"
 done
 for b in $BATCHES; do
   [[ $PART == train ]] && break
   extra=()
-  [[ $b == "$PROFILE_INFER" ]] && extra=(--profile_dir "$OUT/trace_infer_b$b")
-  run "infer_bf16_b$b" benchmark_inference.py --precision bfloat16 --batch_size "$b" \
-      $INFER_STEPS "${extra[@]}"
+  [[ $b == "$PROFILE_INFER" ]] && extra=(--profile_dir="$OUT/trace_infer_b$b")
+  run "infer_bf16_b$b" benchmark_inference.py --config.eval.per_device_batch_size="$b" \
+      --config.benchmark.num_steps="${INFER_STEPS[0]}" \
+      --config.benchmark.warmup_steps="${INFER_STEPS[1]}" "${extra[@]}"
 done
 
 # The traces are large: keep the summaries (in the JSONs), drop the raw files unless asked.

@@ -4,7 +4,7 @@
     [--config.mode=train|eval|train_and_eval] [--config.train.per_device_batch_size=4 ...]
 
 Throughput benchmarks on synthetic data (the reference's benchmark scripts; see
-maskrcnn_jax/benchmark.py and config.benchmark): ``--config.mode=benchmark_train`` or
+maskrcnn_jax/train/benchmark.py, config.benchmark and bench/ for the side-by-side tools): ``--config.mode=benchmark_train`` or
 ``benchmark_inference`` with e.g. ``--config.benchmark.num_steps=200``; the result is written to
 ``<workdir>/<mode>.json``.
 
@@ -24,6 +24,8 @@ import sys
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from maskrcnn_jax import configs  # no JAX: the config is validated before JAX loads
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
@@ -64,20 +66,8 @@ def _hide_gpus_from_tensorflow() -> None:
   tf.config.set_visible_devices([], 'GPU')
 
 
-def _benchmark(config, workdir: str) -> int:
-  """benchmark_train / benchmark_inference: `maskrcnn_jax.benchmark` (no TensorFlow needed),
-  the result in ``<workdir>/<mode>.json``."""
-  from maskrcnn_jax import benchmark  # pylint: disable=import-outside-toplevel
-  result = benchmark.config_benchmark(config)
-  os.makedirs(workdir, exist_ok=True)
-  benchmark.write_json(result, os.path.join(workdir, f'{config.mode}.json'))
-  print(benchmark.summary_line(result))
-  return 0
-
-
 def main(argv) -> int:
   del argv
-  from maskrcnn_jax import configs  # pylint: disable=import-outside-toplevel
   config = FLAGS.config
   # Before anything heavy is imported: a bad value fails in a second.
   try:
@@ -85,17 +75,21 @@ def main(argv) -> int:
   except configs.ConfigError as e:
     print(f'error: invalid config: {e}', file=sys.stderr)
     return 2
+  # Heavy imports after the validation (JAX; TensorFlow only where data is read).
   import jax  # pylint: disable=import-outside-toplevel
+  from maskrcnn_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from maskrcnn_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
   from maskrcnn_jax.train import loop  # pylint: disable=import-outside-toplevel
+  try:
+    loop.check_mode(config)
+  except configs.ConfigError as e:
+    print(f'error: invalid config: {e}', file=sys.stderr)
+    return 2
   _hide_gpus_from_tensorflow()
   if _multi_process_env():
     _initialize_distributed(jax)
   logging.info('JAX %s, process %d of %d, local devices %s', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_devices())
-  if config.mode.startswith('benchmark_'):
-    return _benchmark(config, FLAGS.workdir)
-  from maskrcnn_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  from maskrcnn_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
   try:
     result = loop.run(config, FLAGS.workdir)
   except (pipeline.DatasetNotPreparedError, checkpoint.NoCheckpointError,

@@ -1,13 +1,14 @@
 """The benchmarks on a tiny model, 2 steps each: JSON with the expected keys.
 
-Training through ``launch/benchmark_training.py`` (pmap over 2 fake CPU devices), inference
-through ``python -m maskrcnn_jax.main --config.mode=benchmark_inference``; both launch scripts
-share `benchmark.add_arguments` / `run_from_args`, whose parsing `test_helpers` checks for the
-inference script. Subprocesses, as a user runs them, with XLA's
-backend optimisations off (a few steps of a tiny model are all compilation) and a shared
-persistent compilation cache. No timing is asserted.
+Training through ``bench/benchmark_training.py`` (pmap over 2 fake CPU devices, with a profile
+of one more step), inference through ``python -m maskrcnn_jax.main
+--config.mode=benchmark_inference``; `test_flags` parses the bench tools' flags (the config's
+vocabulary plus the bench-only flags) and checks the peak table. Subprocesses, as a user runs
+them, with XLA's backend optimisations off (a few steps of a tiny model are all compilation) and
+a shared persistent compilation cache. No timing is asserted.
 """
 
+import importlib
 import json
 import os
 import pathlib
@@ -15,6 +16,9 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
+
+from maskrcnn_jax.train import benchmark
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,50 +36,64 @@ def setup(tmp_path_factory):
   return root, config, env
 
 
-def _run(script, config, env, output, *extra):
-  cmd = [sys.executable, str(REPO / 'launch' / script), f'--config={config}', '--num_steps=2',
-         '--warmup_steps=1', f'--output={output}', *extra]
+def test_training_json(setup):
+  root, config, env = setup
+  output = root / 'train.json'
+  cmd = [sys.executable, str(REPO / 'bench' / 'benchmark_training.py'), f'--config={config}',
+         '--config.benchmark.num_steps=2', '--config.benchmark.warmup_steps=1',
+         '--config.train.per_device_batch_size=1', '--config.benchmark.num_devices=2',
+         '--cpu_devices=2', f'--profile_dir={root / "trace"}', '--profile_steps=1',
+         f'--output={output}']
   out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout + out.stderr
-  return json.loads(pathlib.Path(output).read_text()), out.stdout
-
-
-def test_training_json(setup):
-  from maskrcnn_jax import benchmark  # pylint: disable=import-outside-toplevel
-  root, config, env = setup
-  result, stdout = _run('benchmark_training.py', config, env, root / 'train.json',
-                        '--batch_size=1', '--cpu_devices=2', '--num_devices=2')
+  result = json.loads(output.read_text())
   assert set(benchmark.RESULT_KEYS) <= set(result)
   assert result['benchmark'] == 'training' and result['framework'] == 'maskrcnn_jax'
   assert result['num_devices'] == 2 and result['global_batch_size'] == 2
   assert result['timed_steps'] == 1 and result['image_size'] == [64, 64]
   assert result['images_per_sec'] > 0 and result['compile_s'] > 0
-  assert result['flops_per_image'] > 0
+  assert result['flops_per_image'] > 0 and result['final_loss'] > 0
   assert result['memory'] is None or 'bytes_in_use' in result['memory']
-  assert result['torchvision'] is None
-  assert 'img/s' in stdout
+  assert result['baselines'] == {}
+  # The profile maps the ops to the model's stages by the MaskRCNN method names.
+  stages = result['profile']['stage_ms']
+  assert {'backbone', 'proposals_nms', 'roi_align_targets_losses (bwd)'} <= set(stages)
+  assert (root / 'trace' / 'module.hlo.txt').is_file()
+  assert 'img/s' in out.stdout
 
 
-def test_helpers():
-  import argparse  # pylint: disable=import-outside-toplevel
-  from maskrcnn_jax import benchmark  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser()
-  benchmark.add_arguments(parser, 'inference')
-  args = parser.parse_args(['--gpus', '2', '--amp', '--image_size', '832x1344',
-                            '--latency_steps', '5', '--torchvision'])
-  assert (args.num_devices, args.amp, args.image_size, args.latency_steps) == (
-      2, True, (832, 1344), 5)
-  assert args.num_steps == 160 and args.warmup_steps == 10
-  assert benchmark.parse_image_size('832x1344') == (832, 1344)
-  assert benchmark.parse_image_size('512') == (512, 512)
+def test_flags(monkeypatch):
+  monkeypatch.syspath_prepend(str(REPO / 'bench'))  # as for a script run from bench/
+  cli = importlib.import_module('cli')
+  for name in ('cli', 'profiles'):  # bench/'s modules: not left behind for other tests
+    sys.modules.pop(name, None)
+  argv = ['benchmark_inference.py', f'--config={REPO / "configs" / "coco_r50.py"}',
+          '--config.eval.per_device_batch_size=8', '--config.model.precision=bfloat16',
+          '--config.data.image_size=(832, 1344)', '--config.benchmark.num_steps=8',
+          '--config.benchmark.num_devices=2', '--latency_steps=5', '--torchvision',
+          '--threads=2', '--cpu_devices=2']
+  fv = flags.FlagValues()
+  cli.define_flags('inference', fv, argv)
+  fv(argv)
+  c = fv.config
+  assert (c.eval.per_device_batch_size, c.model.precision, tuple(c.data.image_size)) == (
+      8, 'bfloat16', (832, 1344))
+  assert (fv.latency_steps, fv.torchvision, fv.threads, fv.cpu_devices) == (5, True, 2, 2)
+  assert (fv.rounds, fv.stages, fv.profile_dir) == (1, False, None)
+  settings = benchmark.config_settings(c)
+  assert settings == dict(num_steps=8, warmup_steps=100, data='synthetic', num_devices=2,
+                          peak_tflops=None)
+  training = flags.FlagValues()
+  cli.define_flags('training', training)
+  assert 'latency_steps' not in training
   assert benchmark.peak_tflops_for('NVIDIA H200', 'bfloat16') == 989.0
+  assert benchmark.peak_tflops_for('NVIDIA A100-SXM4-80GB', 'float32') == 156.0
   assert benchmark.peak_tflops_for('cpu', 'float32') is None
 
 
 def test_main_benchmark_mode(setup):
   """``python -m maskrcnn_jax.main --config.mode=benchmark_inference``: the inference benchmark
   (latency pass included) through the main program's config flags."""
-  from maskrcnn_jax import benchmark  # pylint: disable=import-outside-toplevel
   root, config, env = setup
   workdir = root / 'main'
   cmd = [sys.executable, '-m', 'maskrcnn_jax.main', f'--config={config}', f'--workdir={workdir}',

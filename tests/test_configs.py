@@ -1,10 +1,11 @@
 """Tests of the configs and their validation (maskrcnn_jax/configs.py)."""
 
+import dataclasses
 import pathlib
 
 import pytest
 
-from maskrcnn_jax import configs
+from maskrcnn_jax import configs, settings
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 
@@ -51,7 +52,6 @@ def test_tiny_config_is_valid():
     ('train.learning_rate_steps', (5, 3), 'train.learning_rate_steps'),
     ('model.mask.resolution', 27, 'model.mask.resolution'),
     ('model.anchors.aspect_ratios', (1.0, 2.0), 'model.anchors.aspect_ratios'),
-    ('mode', 'predict', "'mode'"),
 ])
 def test_validation_names_the_key(key, value, message):
   c = _reference()
@@ -67,7 +67,41 @@ def test_validation_names_the_key(key, value, message):
 def test_missing_key_and_missing_file():
   c = _reference()
   del c.model['rpn']
-  with pytest.raises(configs.ConfigError, match="'model.rpn.positive_overlap' is missing"):
+  with pytest.raises(configs.ConfigError, match="'model.rpn' is missing"):
     configs.validate_config(c)
   with pytest.raises(configs.ConfigError, match='not found'):
     configs.load_config(CONFIG_DIR / 'nope.py')
+
+
+def test_unused_key_is_an_error():
+  c = _reference()
+  c.model.mask.gt_margin = 2  # the margin belongs to the batch contract (data.spec.MASK_PADDING)
+  with pytest.raises(configs.ConfigError, match="model.mask.'gt_margin'.*not read"):
+    configs.validate_config(c)
+
+
+def test_settings_are_the_config_sections():
+  """Every field of a model settings class is read from the key of its name, nothing else."""
+  c = _reference()
+  s = settings.ModelSettings.from_config(c.model)
+  for name, cls in settings.SECTIONS.items():
+    section = getattr(s, name)
+    assert isinstance(section, cls)
+    assert set(c.model[name].keys()) == {f.name for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+      value = c.model[name][f.name]
+      assert getattr(section, f.name) == (tuple(value) if isinstance(value, list) else value)
+  c.model.rpn.fg_fraction = 1.5
+  with pytest.raises(configs.ConfigError, match="'model.rpn.fg_fraction' = 1.5: must be <= 1.0"):
+    settings.ModelSettings.from_config(c.model)
+
+
+def test_mode_table_names_the_mode_key():
+  from maskrcnn_jax.train import loop  # pylint: disable=import-outside-toplevel  # JAX
+  c = _reference()
+  assert set(loop.MODES) == {'train', 'eval', 'train_and_eval', 'benchmark_train',
+                             'benchmark_inference'}
+  assert loop.check_mode(c) is loop.MODES['train_and_eval']
+  c.mode = 'predict'
+  with pytest.raises(configs.ConfigError, match="'mode' = 'predict': must be one of"):
+    loop.check_mode(c)

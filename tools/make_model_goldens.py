@@ -10,7 +10,7 @@ are torchvision's 28 x 28 probabilities before pasting.
 
 Writes (from the repository root)::
 
-    /work/tvenv/bin/python tools/make_model_goldens.py
+    $TORCH_VENV/bin/python tools/make_model_goldens.py
 
 * ``tests/modeling/goldens/torchvision_maskrcnn_r50_manifest.json``: state-dict names and shapes
   of ``maskrcnn_resnet50_fpn`` with frozen batch norm, and torchvision's parameter counts;
@@ -22,7 +22,7 @@ Writes (from the repository root)::
   ``num_proposals``, ``boxes (D, 4)``, ``scores (D,)``, ``labels (D,)``, ``masks (D, 28, 28)``,
   ``weight_checksums (T,)`` (sum of every synthetic tensor in manifest order), ``seed``.
 
-Requires torch==2.14.1, torchvision==0.29.1, numpy and Pillow in /work/tvenv.
+Requires torch==2.14.1, torchvision==0.29.1, numpy and Pillow in $TORCH_VENV (a venv with them and this package).
 """
 
 from __future__ import annotations

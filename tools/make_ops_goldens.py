@@ -8,9 +8,9 @@ project and its test suite never need torch, only this script does.
 
 Rerun it (from the repository root, with the separate torch venv) with::
 
-    /work/tvenv/bin/python tools/make_ops_goldens.py
+    $TORCH_VENV/bin/python tools/make_ops_goldens.py
 
-(torch==2.14.1, torchvision==0.29.1 and numpy installed in ``/work/tvenv``).
+(torch==2.14.1, torchvision==0.29.1 and numpy installed in ``$TORCH_VENV``, a venv with them and this package).
 
 Keys are ``<op>/<case>/<array>``; all floating point arrays are float32 and
 every torchvision computation runs in float32. Layout conventions are ours:

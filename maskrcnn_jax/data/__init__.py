@@ -8,7 +8,7 @@ Batch contract
 Every pipeline (`train_iterator`, `eval_iterator`, `synthetic.synthetic_batches`) yields dicts of
 NumPy arrays whose shapes never change during a run (`spec.batch_spec` gives them). With B the
 batch size on this host, (H, W) = config.data.image_size, N = config.data.max_instances and
-S = config.data.gt_mask_size + 4:
+S = config.data.gt_mask_size + 2 * spec.MASK_PADDING (the one owner of the margin, 2):
 
   images          (B, H, W, 3) uint8   RGB, the resized image at the top-left, zero padding;
                                        normalisation (mean/std) happens on the device.
@@ -30,11 +30,13 @@ S = config.data.gt_mask_size + 4:
 
 Entry points
 ------------
-  train_iterator(config, batch_size, start_step=0, seed=None)   resumable, per-host sharded
-  eval_iterator(config, batch_size, num_examples=-1)            one pass, padded final batch
-  synthetic.synthetic_batches(...)                              random batches, no TensorFlow
-  python -m maskrcnn_jax.data.prepare ...                       builds the TFDS dataset
-  python -m maskrcnn_jax.data.shapes ...                        writes the shapes demo dataset
+  train_iterator(source, settings, batch_size, start_step, seed=)  resumable, per-host sharded
+  eval_iterator(source, settings, batch_size, num_examples=-1)     one pass, padded final batch
+  (settings: `maskrcnn_jax.settings.InputSettings.from_config(config.data)`; from a config,
+  `maskrcnn_jax.train.experiment.build_train_iterator` / `build_eval_iterator` do both.)
+  synthetic.synthetic_batches(...)                                 random batches, no TensorFlow
+  python -m maskrcnn_jax.data.prepare ...                          builds the TFDS dataset
+  python -m maskrcnn_jax.data.shapes ...                           writes the shapes demo dataset
 See docs/data.md.
 """
 

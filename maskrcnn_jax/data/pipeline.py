@@ -22,8 +22,10 @@ import json
 import os
 from typing import Any, Callable, Iterator
 
+import jax
 import numpy as np
 
+from maskrcnn_jax.settings import InputSettings
 from maskrcnn_jax.data import preprocess
 from maskrcnn_jax.data import spec
 
@@ -37,6 +39,7 @@ class DatasetNotPreparedError(FileNotFoundError):
 
 def _builder(name: str, data_dir: str | None):
   """The prepared TFDS builder `name` ('coco_instances[/config][:version]') under data_dir."""
+  # TensorFlow boundary: only reading a prepared dataset imports TFDS (and TensorFlow).
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from maskrcnn_jax.data import coco_builder  # pylint: disable=g-import-not-at-top,unused-import
   data_dir = data_dir or None
@@ -70,7 +73,7 @@ class Source:
   """
 
   def __init__(self, name: str, split: str, data_dir: str | None = None):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # TF boundary
     builder = _builder(name, data_dir)
     if split not in builder.info.splits:
       raise KeyError(f'dataset {name!r} has no split {split!r} '
@@ -97,11 +100,6 @@ class Source:
       raise ValueError(f'{self.data_dir}: record {index} is image id {record["image_id"]}, '
                        f'the metadata says {self.image_ids[index]}')
     return record
-
-
-def source_from_config(config, split: str) -> Source:
-  """The `Source` of config.data.tfds_name / tfds_data_dir for `split`."""
-  return Source(config.data.tfds_name, split, config.data.tfds_data_dir or None)
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -172,7 +170,6 @@ def _batches(plans: Iterator[list[tuple[int, bool] | None]], make_batch: Callabl
 
 def _process_info(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -180,42 +177,39 @@ def _process_info(process_index, process_count) -> tuple[int, int]:
   return int(process_index), int(process_count)
 
 
-def _num_workers(config, num_workers):
-  if num_workers is None:
-    num_workers = config.data.get('num_workers', 0)
+def _num_workers(num_workers: int) -> int:
   return num_workers if num_workers > 0 else (os.cpu_count() or 1)
 
 
-def _fill_fn(source: Source, config, skip_crowd: bool):
-  data = config.data
-
+def _fill_fn(source: Source, settings: InputSettings, skip_crowd: bool):
   def fill(batch: Batch, slot: int, index: int, flip: bool) -> None:
-    preprocess.process_example(source[index], batch, slot, canvas=tuple(data.image_size),
-                               gt_mask_size=data.gt_mask_size, flip=flip,
+    preprocess.process_example(source[index], batch, slot, canvas=tuple(settings.image_size),
+                               gt_mask_size=settings.gt_mask_size, flip=flip,
                                skip_crowd=skip_crowd)
   return fill
 
 
-def train_iterator(config, batch_size: int, start_step: int = 0, seed: int | None = None, *,
-                   process_index: int | None = None, process_count: int | None = None,
-                   num_workers: int | None = None, source: Source | None = None
-                   ) -> Iterator[Batch]:
-  """Infinite iterator of this host's training batches, from `start_step` on.
+def _empty_batch(settings: InputSettings, batch_size: int) -> Callable[[], Batch]:
+  return functools.partial(spec.empty_batch, batch_size, tuple(settings.image_size),
+                           settings.max_instances, settings.gt_mask_size)
 
-  batch_size: examples per batch on this host (per-device batch x local devices). seed: defaults
-  to config.seed. process_index / process_count default to jax's. Uses config.data: tfds_name,
-  tfds_data_dir, train_split, image_size, gt_mask_size, max_instances, augment_hflip,
-  skip_crowd_during_training, keep_images_without_annotations_in_training, num_workers,
-  prefetch_batches. Batches follow `spec.batch_spec`; example_valid is all True.
+
+def train_iterator(source: Source, settings: InputSettings, batch_size: int,
+                   start_step: int = 0, *, seed: int, process_index: int | None = None,
+                   process_count: int | None = None, num_workers: int | None = None
+                   ) -> Iterator[Batch]:
+  """Infinite iterator of this host's training batches of `source`, from `start_step` on.
+
+  batch_size: examples per batch on this host (per-device batch x local devices). seed: of the
+  shuffle and the flips (the run's seed). process_index / process_count default to jax's;
+  num_workers to ``settings.num_workers``. Batches follow `spec.batch_spec`; example_valid is
+  all True.
   """
-  data = config.data
-  seed = config.seed if seed is None else seed
   process_index, process_count = _process_info(process_index, process_count)
-  source = source or source_from_config(config, data.train_split)
-  skip_crowd = bool(data.skip_crowd_during_training)
+  skip_crowd = settings.skip_crowd_during_training
   sampler = TrainSampler(
-      trainable_indices(source, skip_crowd, bool(data.keep_images_without_annotations_in_training)),
-      seed, bool(data.augment_hflip))
+      trainable_indices(source, skip_crowd, settings.keep_images_without_annotations_in_training),
+      seed, settings.augment_hflip)
   global_batch = batch_size * process_count
 
   def plans():
@@ -225,10 +219,10 @@ def train_iterator(config, batch_size: int, start_step: int = 0, seed: int | Non
       yield [sampler(first + j) for j in range(batch_size)]
       step += 1
 
-  make_batch = functools.partial(spec.empty_batch, batch_size, tuple(data.image_size),
-                                 data.max_instances, data.gt_mask_size)
-  return _batches(plans(), make_batch, _fill_fn(source, config, skip_crowd),
-                  _num_workers(config, num_workers), data.get('prefetch_batches', 2))
+  workers = settings.num_workers if num_workers is None else num_workers
+  return _batches(plans(), _empty_batch(settings, batch_size),
+                  _fill_fn(source, settings, skip_crowd), _num_workers(workers),
+                  settings.prefetch_batches)
 
 
 def num_eval_batches(num_examples: int, batch_size: int, process_count: int) -> int:
@@ -237,19 +231,17 @@ def num_eval_batches(num_examples: int, batch_size: int, process_count: int) -> 
   return -(-per_host // batch_size)
 
 
-def eval_iterator(config, batch_size: int, num_examples: int = -1, *,
-                  process_index: int | None = None, process_count: int | None = None,
-                  num_workers: int | None = None, source: Source | None = None
+def eval_iterator(source: Source, settings: InputSettings, batch_size: int,
+                  num_examples: int = -1, *, process_index: int | None = None,
+                  process_count: int | None = None, num_workers: int | None = None
                   ) -> Iterator[Batch]:
-  """One pass over the evaluation split (config.data.eval_split), this host's share.
+  """One pass over the evaluation `source`, this host's share.
 
   Host p takes records p, p + P, p + 2P... of the first num_examples (-1 = all) in image-id
   order; no flip, crowd objects kept (gt_is_crowd). Every host yields `num_eval_batches` batches;
   slots past the end are zero with example_valid False, so batch shapes never change.
   """
-  data = config.data
   process_index, process_count = _process_info(process_index, process_count)
-  source = source or source_from_config(config, data.eval_split)
   total = len(source) if num_examples < 0 else min(num_examples, len(source))
   mine = list(range(process_index, total, process_count))
   count = num_eval_batches(total, batch_size, process_count)
@@ -259,7 +251,7 @@ def eval_iterator(config, batch_size: int, num_examples: int = -1, *,
       chunk = mine[b * batch_size:(b + 1) * batch_size]
       yield [(i, False) for i in chunk] + [None] * (batch_size - len(chunk))
 
-  make_batch = functools.partial(spec.empty_batch, batch_size, tuple(data.image_size),
-                                 data.max_instances, data.gt_mask_size)
-  return _batches(plans(), make_batch, _fill_fn(source, config, skip_crowd=False),
-                  _num_workers(config, num_workers), data.get('prefetch_batches', 2))
+  workers = settings.num_workers if num_workers is None else num_workers
+  return _batches(plans(), _empty_batch(settings, batch_size),
+                  _fill_fn(source, settings, skip_crowd=False), _num_workers(workers),
+                  settings.prefetch_batches)

@@ -20,6 +20,8 @@ import json
 import os
 import sys
 
+from maskrcnn_jax.data import annotations
+
 
 def prepare(data_dir: str | None, manual_dir: str | None = None, name: str | None = None,
             version: str = '1.0.0', show_progress: bool = True, **paths) -> str:
@@ -28,6 +30,7 @@ def prepare(data_dir: str | None, manual_dir: str | None = None, name: str | Non
   Without paths, the COCO 2017 layout under manual_dir is read (config 'coco2017'). Raises
   `annotations.DatasetError` on bad input; nothing is left that looks prepared in that case.
   """
+  # TensorFlow boundary: building the dataset is the one TFDS/TensorFlow step.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from maskrcnn_jax.data import coco_builder  # pylint: disable=g-import-not-at-top
   paths = {k: v for k, v in paths.items() if v}
@@ -73,7 +76,6 @@ def main(argv=None) -> int:
     parser.add_argument(f'--{split}_images', default=None, help='folder of its images')
   parser.add_argument('--no_progress', action='store_true', help='hide the progress bars')
   args = parser.parse_args(argv)
-  from maskrcnn_jax.data import annotations  # pylint: disable=g-import-not-at-top
   try:
     dataset_dir = prepare(
         args.data_dir, args.manual_dir, args.name, args.version, not args.no_progress,

@@ -1,14 +1,56 @@
-"""The batch contract: names, shapes and dtypes of an input batch (NumPy only, no TensorFlow).
+"""The batch contract: names, shapes and dtypes of an input batch, and `GroundTruth`, the
+model's view of its ground-truth entries (NumPy and flax only, no TensorFlow).
 
 See the package docstring (`maskrcnn_jax.data`) for the meaning of each entry.
 """
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
+import flax.struct
+import jax.numpy as jnp
 import numpy as np
 
 # Zero padding added on each side of the gt_mask_size crop (the reference's 112 + 2 * 2 = 116).
+# The one owner of this value: the pipeline writes it, the model's mask targets read it.
 MASK_PADDING = 2
+# The batch entries the train and inference steps read (the others stay on the host).
+TRAIN_KEYS = ('images', 'image_sizes', 'gt_boxes', 'gt_classes', 'gt_masks', 'gt_valid',
+              'gt_is_crowd')
+INFER_KEYS = ('images', 'image_sizes')
+
+
+class GroundTruth(flax.struct.PyTreeNode):
+  """Padded ground truth of a batch (leading dims (B,)) or of one image (no batch dim).
+
+  Attributes:
+    boxes: (..., N, 4) float32 xyxy, absolute pixels of the padded canvas.
+    classes: (..., N) int32 class ids, 0 = padding.
+    masks: (..., N, S, S) uint8 ``round(255 * mask)`` cropped to the box at
+      ``S - 2 * MASK_PADDING`` plus a zero margin of `MASK_PADDING` cells.
+    valid: (..., N) bool, real instances.
+    is_crowd: (..., N) bool, crowd regions (never positive; only ignored by matching).
+  """
+  boxes: Any
+  classes: Any
+  masks: Any
+  valid: Any
+  is_crowd: Any
+
+  @classmethod
+  def from_batch(cls, batch: Mapping[str, Any]) -> 'GroundTruth':
+    """The ``gt_*`` entries of a batch (`batch_spec`), as float32 / int32 / bool arrays."""
+    return cls(boxes=jnp.asarray(batch['gt_boxes'], jnp.float32),
+               classes=jnp.asarray(batch['gt_classes'], jnp.int32),
+               masks=jnp.asarray(batch['gt_masks']),
+               valid=jnp.asarray(batch['gt_valid'], bool),
+               is_crowd=jnp.asarray(batch['gt_is_crowd'], bool))
+
+  @property
+  def mask_size(self) -> int:
+    """gt_mask_size: the side of the stored crops without their margin."""
+    return self.masks.shape[-1] - 2 * MASK_PADDING
 
 
 def stored_mask_size(gt_mask_size: int) -> int:

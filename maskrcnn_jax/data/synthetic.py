@@ -69,10 +69,3 @@ def synthetic_batches(batch_size: int, image_size: tuple[int, int], max_instance
     yield synthetic_batch(batch_size, image_size, max_instances, gt_mask_size, num_classes,
                           seed=int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
     step += 1
-
-
-def synthetic_batch_from_config(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """`synthetic_batch` with the sizes of config.data and config.model.num_classes."""
-  data = config.data
-  return synthetic_batch(batch_size, tuple(data.image_size), data.max_instances,
-                         data.gt_mask_size, config.model.num_classes, seed)

@@ -28,7 +28,13 @@ import logging
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
+import jax
 import numpy as np
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from maskrcnn_jax.ops import masks as mask_ops
 
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm',
               'ARl')
@@ -87,9 +93,6 @@ def class_to_category_map(metadata: Mapping[str, Any]) -> dict[int, int]:
 
 def _paste_fn():
   """paste_masks thresholded at 0.5, jitted per (padded) output size."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from maskrcnn_jax.ops import masks as mask_ops  # pylint: disable=import-outside-toplevel
-
   @jax.jit
   def paste(masks, boxes, template):
     height, width = template.shape
@@ -138,7 +141,6 @@ def detections_to_results(detections: Mapping[str, np.ndarray], batch: Mapping[s
     A list of {image_id, category_id, bbox [x, y, w, h] original pixels, score,
     segmentation (compressed RLE, counts as str)}.
   """
-  from pycocotools import mask as mask_util  # pylint: disable=import-outside-toplevel
   results = []
   for b in np.flatnonzero(np.asarray(batch['example_valid'])):
     valid = np.asarray(detections['valid'][b], bool)
@@ -191,8 +193,6 @@ def coco_metrics(ground_truth: Mapping[str, Any], results: Sequence[Mapping[str,
   image_ids: the images evaluated (default: every image of the ground truth). Without any
   result every stat is 0. pycocotools' printed summary goes to the log.
   """
-  from pycocotools.coco import COCO  # pylint: disable=import-outside-toplevel
-  from pycocotools.cocoeval import COCOeval  # pylint: disable=import-outside-toplevel
   out = {}
   if not results:
     return {f'{t}/{s}': 0.0 for t in iou_types for s in STAT_NAMES}

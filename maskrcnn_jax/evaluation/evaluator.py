@@ -1,13 +1,14 @@
 """Inference over the evaluation split and COCO metrics of one set of model variables.
 
-`evaluate_split` runs the pmapped inference step over `maskrcnn_jax.data.eval_iterator` (each
-host its share), gathers the detections on the first process, converts them to COCO results
+`evaluate_split` runs the pmapped inference step over the evaluation batches (each host its
+share, `maskrcnn_jax.data.pipeline.eval_iterator`), gathers the detections on the first process, converts them to COCO results
 (`coco.detections_to_results`), writes ``<workdir>/coco_results_step<step>.json`` and returns the
 pycocotools metrics (also appended to ``<workdir>/eval_metrics.jsonl``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -15,8 +16,11 @@ from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
+from maskrcnn_jax.data.spec import INFER_KEYS
 from maskrcnn_jax.evaluation import coco
+from maskrcnn_jax.train.step import shard
 
 METRICS_FILE = 'eval_metrics.jsonl'
 HOST_KEYS = ('image_ids', 'original_sizes', 'scales', 'example_valid')
@@ -32,7 +36,6 @@ def metrics_path(workdir: str) -> str:
 
 def evaluated_steps(workdir: str) -> set[int]:
   """Steps that already have a line in ``eval_metrics.jsonl``."""
-  import json  # pylint: disable=import-outside-toplevel
   path = metrics_path(workdir)
   if not os.path.exists(path):
     return set()
@@ -45,16 +48,10 @@ def evaluated_steps(workdir: str) -> set[int]:
   return steps
 
 
-def _shard(batch: Mapping[str, np.ndarray], keys, num_devices: int) -> dict[str, np.ndarray]:
-  """(B, ...) host arrays -> (num_devices, B / num_devices, ...)."""
-  return {k: batch[k].reshape((num_devices, -1) + batch[k].shape[1:]) for k in keys}
-
-
 def _gather_hosts(tree):
   """Stacks every process's NumPy tree along a new leading axis, flattened into the batch axis."""
   if jax.process_count() == 1:
     return tree
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   gathered = multihost_utils.process_allgather(tree, tiled=False)
   return jax.tree_util.tree_map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]), gathered)
 
@@ -78,7 +75,7 @@ def predict(infer_fn: Callable, variables: Any, batches: Iterable[Mapping[str, n
       results.extend(coco.detections_to_results(out, meta, class_to_category))
 
   for batch in batches:
-    out = infer_fn(variables, _shard(batch, ('images', 'image_sizes'), num_devices))
+    out = infer_fn(variables, shard(batch, INFER_KEYS, num_devices))
     # Host post-processing of the previous batch overlaps the device work of this one.
     if pending is not None:
       finish(pending)
@@ -88,24 +85,27 @@ def predict(infer_fn: Callable, variables: Any, batches: Iterable[Mapping[str, n
   return results
 
 
-def evaluate_split(config, workdir: str, step: int, infer_fn: Callable, variables: Any,
-                   num_devices: int) -> dict[str, float] | None:
-  """Evaluates on config.data.eval_split (config.eval.num_samples examples) at `step`.
+def evaluate_split(source, batches: Iterable[Mapping[str, np.ndarray]], *, infer_fn: Callable,
+                   variables: Any, num_devices: int, num_examples: int, workdir: str,
+                   step: int) -> dict[str, float] | None:
+  """Evaluates the first `num_examples` (-1 = all) of the evaluation `source` at `step`.
+
+  Args:
+    source: the evaluation split (`maskrcnn_jax.data.pipeline.Source`): ground truth and the
+      class -> category table.
+    batches: this host's evaluation batches of those examples (``eval_iterator``).
+    infer_fn, variables, num_devices: as `predict`.
+    workdir, step: where the results JSON and the metrics line go, and their step.
 
   Returns the metrics (with 'step') on process 0, None elsewhere.
   """
-  from maskrcnn_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   start = time.time()
-  source = pipeline.source_from_config(config, config.data.eval_split)
-  num = int(config.eval.num_samples)
-  batch_size = int(config.eval.per_device_batch_size) * num_devices
-  batches = pipeline.eval_iterator(config, batch_size, num_examples=num, source=source)
   results = predict(infer_fn, variables, batches, coco.class_to_category_map(source.metadata),
                     num_devices)
   if jax.process_index() != 0:
     return None
   seconds = time.time() - start
-  ground_truth = coco.ground_truth_from_source(source, num)
+  ground_truth = coco.ground_truth_from_source(source, num_examples)
   coco.write_results(results_path(workdir, step), results)
   metrics = coco.coco_metrics(ground_truth, results,
                               image_ids=[im['id'] for im in ground_truth['images']])

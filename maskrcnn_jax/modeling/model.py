@@ -5,13 +5,16 @@ One module, :class:`MaskRCNN`, with two modes of ``__call__``:
 * inference (``train=False``): images -> fixed-size detections
   ``{'boxes' (B, D, 4) xyxy, 'scores' (B, D), 'classes' (B, D) int32, 'masks' (B, D, M, M),
   'valid' (B, D) bool}``;
-* training (``train=True``, ground truth given, ``rngs={'sampling': key}``): images + ground
-  truth -> the reference's losses and counters (see :meth:`MaskRCNN.__call__`).
+* training (``train=True``, a `GroundTruth` given, ``rngs={'sampling': key}``): the reference's
+  losses and counters (see :meth:`MaskRCNN.losses`).
+
+The module wires the recipe, as the paper reads: features -> proposals -> targets -> heads ->
+losses. Each step is a named pure function of :mod:`maskrcnn_jax.ops` (``proposals``,
+``targets``, ``losses``, ``postprocess``), tested on its own; the module holds the parameters
+(backbone, FPN, heads) and the settings of ``config.model`` (:mod:`maskrcnn_jax.settings`).
 
 Everything is static-shaped: proposals, sampled RoIs and detections have fixed counts with
-validity masks. Boxes are xyxy in absolute pixels of the padded input canvas. Anchor labelling,
-proposal selection, sampling, target encoding and losses are the pure functions of
-:mod:`maskrcnn_jax.ops`; this module only wires them to the heads.
+validity masks. Boxes are xyxy in absolute pixels of the padded input canvas.
 
 Variables: ``params`` (trainable weights) and ``batch_stats`` (frozen batch-norm constants, or
 running statistics with ``finetune_bn``; mutable in training only with ``finetune_bn``).
@@ -19,8 +22,8 @@ running statistics with ``finetune_bn``; mutable in training only with ``finetun
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,105 +31,42 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from maskrcnn_jax.settings import (AnchorSettings, MaskSettings, RoISettings, RPNSettings,
+                                   TestSettings)
+from maskrcnn_jax.data.spec import GroundTruth
 from maskrcnn_jax.modeling.fpn import FPN
 from maskrcnn_jax.modeling.heads import BoxHead, MaskHead, RPNHead
-from maskrcnn_jax.modeling.resnet import ResNet
 from maskrcnn_jax.ops import anchors as anchor_ops
-from maskrcnn_jax.ops import boxes as box_ops
 from maskrcnn_jax.ops import losses as loss_ops
-from maskrcnn_jax.ops import masks as mask_ops
-from maskrcnn_jax.ops import matching, nms, roi_align, sampling
+from maskrcnn_jax.ops import postprocess, roi_align, targets
+from maskrcnn_jax.ops.proposals import Proposals, multilevel_proposals
 
 Dtype = Any
+LOSS_KEYS = ('total_loss', 'rpn_score_loss', 'rpn_box_loss', 'fast_rcnn_class_loss',
+             'fast_rcnn_box_loss', 'mask_loss')
+COUNTER_KEYS = ('num_positive_anchors', 'num_foreground_rois')
+# Compiler options of the one-off initialisation: it runs once, so XLA's backend optimisations
+# (minutes of LLVM time for the whole inference graph on a CPU) buy nothing.
+INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 
 
-@dataclasses.dataclass(frozen=True)
-class AnchorSettings:
-  """Anchor grid: per level ``(level, widths, heights)`` (A shapes each), centre offset in
-  strides, and torchvision's rounding of half extents."""
-  shapes: tuple[tuple[int, tuple[float, ...], tuple[float, ...]], ...]
-  offset: float = 0.5
-  round_half_extents: bool = False
+def init_variables(model: 'MaskRCNN', key, image_size: tuple[int, int], batch_size: int = 1):
+  """Fresh variables of ``model`` (``params`` float32 and ``batch_stats``) for
+  (batch_size, H, W, 3) inputs, created without running proposals or detection
+  (:meth:`MaskRCNN.touch_all`).
 
-  @property
-  def num_anchors(self) -> int:
-    return len(self.shapes[0][1])
+  Traceable (``jax.eval_shape`` gives the abstract variables); called eagerly it compiles the
+  initialisation with `INIT_COMPILER_OPTIONS`.
+  """
+  h, w = image_size
 
-  def grid(self, height: int, width: int, min_level: int, max_level: int):
-    """{'p2': (N2, 4), ...} float32 xyxy NumPy anchors for a (height, width) canvas."""
-    shapes = {lvl: (np.asarray(w), np.asarray(h)) for lvl, w, h in self.shapes}
-    return anchor_ops.multilevel_anchors(height, width, min_level, max_level, shapes,
-                                         self.offset, self.round_half_extents)
+  def init(key):
+    images = jnp.zeros((batch_size, h, w, 3), jnp.float32)
+    return dict(model.init(key, images, method=MaskRCNN.touch_all))
 
-
-@dataclasses.dataclass(frozen=True)
-class RPNSettings:
-  """RPN labelling, sampling, proposal selection and loss (``config.model.rpn``)."""
-  positive_overlap: float = 0.7
-  negative_overlap: float = 0.3
-  allow_low_quality_matches: bool = True
-  batch_size_per_image: int = 256
-  fg_fraction: float = 0.5
-  min_size: float = 0.0
-  train_pre_nms_topk: int = 2000
-  train_post_nms_topk: int = 1000
-  train_nms_threshold: float = 0.7
-  test_pre_nms_topk: int = 1000
-  test_post_nms_topk: int = 1000
-  test_nms_threshold: float = 0.7
-  box_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
-  huber_delta: float = 1.0 / 9.0
-  box_loss_weight: float = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class RoISettings:
-  """RoI sampling, pooling, box head and its loss (``config.model.roi``)."""
-  batch_size_per_image: int = 512
-  fg_fraction: float = 0.25
-  fg_threshold: float = 0.5
-  bg_threshold_hi: float = 0.5
-  bg_threshold_lo: float = 0.0
-  add_gt_as_proposals: bool = True
-  box_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
-  pooler_size: int = 7
-  sampling_ratio: int = 2
-  aligned: bool = False
-  canonical_size: float = 224.0
-  canonical_level: int = 4
-  level_mapping_eps: float = 0.0
-  mlp_head_dim: int = 1024
-  huber_delta: float = 1.0
-  box_loss_weight: float = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskSettings:
-  """Mask head and its loss (``config.model.mask``). Ground-truth masks arrive as
-  ``(gt_mask_size + 2 * gt_margin)``-square crops of their boxes."""
-  pooler_size: int = 14
-  resolution: int = 28
-  num_convs: int = 4
-  conv_dim: int = 256
-  loss_weight: float = 1.0
-  gt_margin: int = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class TestSettings:
-  """Detection post-processing (``config.model.test``)."""
-  detections_per_image: int = 100
-  nms_threshold: float = 0.5
-  score_threshold: float = 0.0
-  pre_nms_topk: int = 1000
-  min_box_size: float = 0.0
-
-
-def init_variables(model: 'MaskRCNN', key, height: int, width: int, batch_size: int = 1):
-  """Variables of ``model`` for (batch_size, height, width, 3) inputs (``params`` float32 and
-  ``batch_stats``), created without running proposals or detection."""
-  images = jnp.zeros((batch_size, height, width, 3), jnp.float32)
-  return model.init(key, images, method=MaskRCNN.touch_all)
+  if isinstance(key, jax.core.Tracer):
+    return init(key)
+  return jax.jit(init).lower(key).compile(compiler_options=INIT_COMPILER_OPTIONS)(key)
 
 
 def normalize_images(images, image_sizes, mean: Sequence[float], std: Sequence[float],
@@ -152,48 +92,17 @@ def normalize_images(images, image_sizes, mean: Sequence[float], std: Sequence[f
   return jnp.where(inside[..., None], x, 0.0).astype(dtype)
 
 
-def detections_from_boxes(proposals, proposal_valid, class_logits, box_deltas, image_size, *,
-                          box_weights: Sequence[float], score_threshold: float,
-                          min_box_size: float, pre_nms_topk: int, nms_threshold: float,
-                          max_detections: int):
-  """Box-head outputs of one image -> its final detections (torchvision's
-  ``postprocess_detections`` with static shapes).
-
-  Class-specific decoding, clipping to the image, softmax scores, dropping the background
-  class, score threshold (strictly greater) and minimum box size; then the ``pre_nms_topk``
-  best (proposal, class) candidates go through per-class NMS and the first ``max_detections``
-  kept are returned. The candidate cap only changes the result when fewer than
-  ``max_detections`` survive NMS among the capped candidates while more candidates exist.
-
-  Args:
-    proposals: (P, 4) float32 xyxy.
-    proposal_valid: (P,) bool.
-    class_logits: (P, K) float32.
-    box_deltas: (P, K, 4) float32 class-specific deltas.
-    image_size: (2,) int (height, width) of the valid region.
-
-  Returns:
-    boxes (D, 4) float32 xyxy, scores (D,), classes (D,) int32, valid (D,) bool; 0 in unused
-    slots, in descending score order.
-  """
-  num_classes = class_logits.shape[-1]
-  boxes = box_ops.decode_boxes(box_deltas, proposals[:, None, :], box_weights)
-  boxes = box_ops.clip_boxes(boxes, image_size[0], image_size[1])
-  scores = jax.nn.softmax(class_logits, axis=-1)
-  boxes = boxes[:, 1:].reshape(-1, 4)
-  scores = scores[:, 1:].reshape(-1)
-  classes = jnp.tile(jnp.arange(1, num_classes, dtype=jnp.int32), proposals.shape[0])
-  ok = jnp.repeat(proposal_valid, num_classes - 1) & (scores > score_threshold)
-  ok &= ((boxes[:, 2] - boxes[:, 0]) >= min_box_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_box_size)
-  k = min(pre_nms_topk, scores.shape[0])
-  top_scores, top_idx = lax.top_k(jnp.where(ok, scores, -jnp.inf), k)
-  cand_boxes, cand_classes, cand_ok = boxes[top_idx], classes[top_idx], ok[top_idx]
-  keep, keep_valid = nms.batched_nms(cand_boxes, top_scores, cand_classes, nms_threshold,
-                                     max_detections, valid=cand_ok)
-  out_boxes = jnp.where(keep_valid[:, None], cand_boxes[keep], 0.0)
-  out_scores = jnp.where(keep_valid, top_scores[keep], 0.0)
-  out_classes = jnp.where(keep_valid, cand_classes[keep], 0)
-  return out_boxes, out_scores, out_classes, keep_valid
+def anchor_shapes(settings: AnchorSettings, min_level: int, max_level: int):
+  """level -> (widths, heights) float64 of the configured anchor convention."""
+  shapes = {}
+  for i, level in enumerate(range(min_level, max_level + 1)):
+    if settings.convention == 'reference':
+      shapes[level] = anchor_ops.reference_anchor_shapes(
+          level, settings.num_scales, settings.anchor_scale, settings.aspect_ratios)
+    else:
+      shapes[level] = anchor_ops.torchvision_anchor_shapes((settings.sizes[i],),
+                                                           settings.aspect_ratios)
+  return shapes
 
 
 class MaskRCNN(nn.Module):
@@ -201,102 +110,93 @@ class MaskRCNN(nn.Module):
 
   Attributes:
     num_classes: K, background (0) included.
-    depth: ResNet depth.
-    frozen_bn: frozen batch norm (True) or trainable (``finetune_bn``).
-    bn_epsilon, bn_momentum: batch-norm epsilon and running-average decay.
-    freeze_at: frozen backbone stages (1 = stem, 2 = stem + res2); their trainable batch norms
-      stay in inference mode. The parameters are frozen by the optimizer mask
-      (:func:`maskrcnn_jax.modeling.frozen_param_mask`).
-    stop_gradient_at: backbone stage after which gradients are stopped (0 = none); a speed
-      measure equal to the freeze point, see :mod:`maskrcnn_jax.modeling.resnet`.
+    backbone_cls: the backbone module's constructor, ``dtype`` aside (``build_model`` passes
+      ``functools.partial(ResNet, **config.model.backbone)``); it returns {'c2'..'c5'}.
     min_level, max_level: pyramid levels (P2..P6); RoIs pool from min_level..min(max_level, 5).
     fpn_channels: FPN width.
-    anchors, rpn, roi, mask, test: settings dataclasses.
+    anchors, rpn, roi, mask, test: the settings of the config.model sections.
     dtype: compute dtype; parameters float32; box arithmetic and losses float32.
   """
-  num_classes: int = 91
-  depth: int = 50
-  frozen_bn: bool = True
-  bn_epsilon: float = 1e-5
-  bn_momentum: float = 0.997
-  freeze_at: int = 0
-  stop_gradient_at: int = 0
-  min_level: int = 2
-  max_level: int = 6
-  fpn_channels: int = 256
-  anchors: AnchorSettings = None
-  rpn: RPNSettings = RPNSettings()
-  roi: RoISettings = RoISettings()
-  mask: MaskSettings = MaskSettings()
-  test: TestSettings = TestSettings()
+  num_classes: int
+  backbone_cls: Callable[..., nn.Module]
+  min_level: int
+  max_level: int
+  fpn_channels: int
+  anchors: AnchorSettings
+  rpn: RPNSettings
+  roi: RoISettings
+  mask: MaskSettings
+  test: TestSettings
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.backbone = ResNet(self.depth, self.frozen_bn, self.bn_epsilon, self.bn_momentum,
-                           self.freeze_at, self.stop_gradient_at, dtype=self.dtype)
-    self.fpn = FPN(self.min_level, self.max_level, self.fpn_channels, dtype=self.dtype)
-    self.rpn_head = RPNHead(self.anchors.num_anchors, self.fpn_channels, dtype=self.dtype)
-    self.box_head = BoxHead(self.num_classes, self.roi.mlp_head_dim, dtype=self.dtype)
-    self.mask_head = MaskHead(self.num_classes, self.mask.num_convs, self.mask.conv_dim,
-                              dtype=self.dtype)
+    self.backbone = self.backbone_cls(dtype=self.dtype)
+    self.fpn = FPN(min_level=self.min_level, max_level=self.max_level,
+                   channels=self.fpn_channels, dtype=self.dtype)
+    num_anchors = anchor_ops.num_anchors_per_location(
+        anchor_shapes(self.anchors, self.min_level, self.max_level))
+    self.rpn_head = RPNHead(num_anchors=num_anchors, channels=self.fpn_channels,
+                            dtype=self.dtype)
+    self.box_head = BoxHead(num_classes=self.num_classes, mlp_dim=self.roi.mlp_head_dim,
+                            dtype=self.dtype)
+    self.mask_head = MaskHead(num_classes=self.num_classes, num_convs=self.mask.num_convs,
+                              conv_dim=self.mask.conv_dim, dtype=self.dtype)
 
   # ------------------------------------------------------------------ pieces
   def features(self, images, train: bool = False) -> dict[str, jnp.ndarray]:
     """images (B, H, W, 3) normalised -> FPN features {'p2': (B, H/4, W/4, C), ..., 'p6'}."""
     return self.fpn(self.backbone(images, train))
 
-  def _roi_levels(self):
-    return self.min_level, min(self.max_level, 5)
+  def anchor_grid(self, height: int, width: int) -> dict[str, np.ndarray]:
+    """Anchors of a (height, width) canvas: level -> (N_l, 4) float32 xyxy NumPy array."""
+    return anchor_ops.multilevel_anchors(
+        height, width, self.min_level, self.max_level,
+        anchor_shapes(self.anchors, self.min_level, self.max_level), self.anchors.offset,
+        self.anchors.round_half_extents)
 
   def _pool(self, features, boxes, output_size: int):
     """Multilevel RoIAlign of (B, R, 4) xyxy boxes -> (B, R, S, S, C)."""
-    lo, hi = self._roi_levels()
+    lo, hi = self.min_level, min(self.max_level, 5)
     pyramid = {f'p{l}': features[f'p{l}'] for l in range(lo, hi + 1)}
     return roi_align.multilevel_roi_align(
         pyramid, boxes, output_size, lo, hi, canonical_size=self.roi.canonical_size,
         canonical_level=self.roi.canonical_level, sampling_ratio=self.roi.sampling_ratio,
         aligned=self.roi.aligned, eps=self.roi.level_mapping_eps)
 
-  def anchor_grid(self, height: int, width: int) -> dict[str, np.ndarray]:
-    """Anchors of a (height, width) canvas: level -> (N_l, 4) float32 xyxy NumPy array."""
-    return self.anchors.grid(height, width, self.min_level, self.max_level)
-
-  def proposals(self, features, image_sizes, train: bool = False):
+  def proposals(self, features, anchors, image_sizes, train: bool = False):
     """RPN head + proposal selection (train or test parameters).
 
     Returns:
-      scores: level -> (B, N_l) logits; deltas: level -> (B, N_l, 4);
-      proposals: (boxes (B, P, 4) xyxy, scores (B, P) logits, valid (B, P) bool), no gradient.
+      scores: level -> (B, N_l) logits; deltas: level -> (B, N_l, 4); `Proposals` (no gradient).
     """
-    levels = {f'p{l}': features[f'p{l}'] for l in range(self.min_level, self.max_level + 1)}
-    scores, deltas = self.rpn_head(levels)
-    h, w = features[f'p{self.min_level}'].shape[1:3]
-    stride = 2 ** self.min_level
-    anchors = self.anchor_grid(h * stride, w * stride)
+    scores, deltas = self.rpn_head(
+        {f'p{l}': features[f'p{l}'] for l in range(self.min_level, self.max_level + 1)})
     rpn = self.rpn
     pre, post, thr = ((rpn.train_pre_nms_topk, rpn.train_post_nms_topk, rpn.train_nms_threshold)
                       if train else
                       (rpn.test_pre_nms_topk, rpn.test_post_nms_topk, rpn.test_nms_threshold))
-    props = nms.multilevel_proposals(scores, deltas, anchors, image_sizes, pre, post, thr,
-                                     rpn.min_size, rpn.box_weights)
-    return scores, deltas, props
+    proposals = multilevel_proposals(
+        scores, deltas, anchors, image_sizes, pre_nms_topk=pre, post_nms_topk=post,
+        nms_threshold=thr, min_size=rpn.min_size, box_weights=rpn.box_weights)
+    return scores, deltas, proposals
 
-  def detect(self, features, proposal_boxes, proposal_valid, image_sizes):
+  def detect(self, features, proposals: Proposals, image_sizes):
     """Box head + post-processing + mask head on the kept detections (inference)."""
     class_logits, box_deltas = self.box_head(
-        self._pool(features, proposal_boxes, self.roi.pooler_size))
+        self._pool(features, proposals.boxes, self.roi.pooler_size))
     t = self.test
-    post = jax.vmap(lambda p, v, c, d, s: detections_from_boxes(
-        p, v, c, d, s, box_weights=self.roi.box_weights, score_threshold=t.score_threshold,
-        min_box_size=t.min_box_size, pre_nms_topk=t.pre_nms_topk, nms_threshold=t.nms_threshold,
+    post = jax.vmap(functools.partial(
+        postprocess.detections_from_boxes, box_weights=self.roi.box_weights,
+        score_threshold=t.score_threshold, min_box_size=t.min_box_size,
+        pre_nms_topk=t.pre_nms_topk, nms_threshold=t.nms_threshold,
         max_detections=t.detections_per_image))
-    boxes, scores, classes, valid = post(proposal_boxes, proposal_valid, class_logits,
+    boxes, scores, classes, valid = post(proposals.boxes, proposals.valid, class_logits,
                                          box_deltas, jnp.asarray(image_sizes))
     mask_logits = self.mask_head(self._pool(features, boxes, self.mask.pooler_size))
     # Each detection's mask is its class's channel (the background channel is never used).
-    logits = jnp.take_along_axis(mask_logits, classes[:, :, None, None, None], axis=-1)[..., 0]
-    masks = jnp.where(valid[:, :, None, None], jax.nn.sigmoid(logits), 0.0)
+    masks = jax.nn.sigmoid(_class_channel(mask_logits, classes))
+    masks = jnp.where(valid[:, :, None, None], masks, 0.0)
     return {'boxes': boxes, 'scores': scores, 'classes': classes, 'masks': masks,
             'valid': valid}
 
@@ -312,21 +212,15 @@ class MaskRCNN(nn.Module):
                              self.dtype))
     return features
 
-  # ------------------------------------------------------------------ entry point
-  def __call__(self, images, image_sizes, gt_boxes=None, gt_classes=None, gt_masks=None,
-               gt_valid=None, gt_is_crowd=None, train: bool = False):
+  # ------------------------------------------------------------------ entry points
+  def __call__(self, images, image_sizes, gt: GroundTruth | None = None, train: bool = False):
     """Inference (``train=False``) or training losses (``train=True``).
 
     Args:
       images: (B, H, W, 3) float, normalised and zero-padded (:func:`normalize_images`); H and W
         multiples of ``2**max_level``.
       image_sizes: (B, 2) int32 (height, width) of each image's valid region.
-      gt_boxes: (B, N, 4) float32 xyxy canvas pixels (training).
-      gt_classes: (B, N) int32 class ids, 0 = padding (training).
-      gt_masks: (B, N, S, S) uint8, ``round(255 * mask)`` cropped to the box at
-        ``S - 2 * gt_margin`` plus a zero margin of ``gt_margin`` cells (training).
-      gt_valid: (B, N) bool (training; default ``gt_classes > 0``).
-      gt_is_crowd: (B, N) bool (training; default all False).
+      gt: the batch's `GroundTruth` (training).
       train: select the mode. Training needs ``rngs={'sampling': key}`` and, with
         ``finetune_bn``, ``mutable=['batch_stats']``.
 
@@ -334,135 +228,85 @@ class MaskRCNN(nn.Module):
       Inference: dict of ``boxes`` (B, D, 4) float32 xyxy input-canvas pixels, ``scores``
       (B, D) float32, ``classes`` (B, D) int32, ``masks`` (B, D, M, M) float32 probabilities in
       box coordinates (unpasted), ``valid`` (B, D) bool; D = ``test.detections_per_image``.
-      Training: dict of float32 scalars ``rpn_score_loss``, ``rpn_box_loss``,
-      ``fast_rcnn_class_loss``, ``fast_rcnn_box_loss``, ``mask_loss``, ``total_loss`` and int32
-      counters ``num_positive_anchors``, ``num_foreground_rois`` (summed over the batch).
+      Training: :meth:`losses`.
     """
     if train:
-      if gt_boxes is None or gt_classes is None or gt_masks is None:
-        raise ValueError('train=True needs gt_boxes, gt_classes and gt_masks')
-      return self.losses(images, image_sizes, gt_boxes, gt_classes, gt_masks, gt_valid,
-                         gt_is_crowd)
+      if gt is None:
+        raise ValueError('train=True needs the ground truth (gt=GroundTruth(...))')
+      return self.losses(images, image_sizes, gt)
     features = self.features(images, train=False)
-    _, _, (boxes, _, valid) = self.proposals(features, image_sizes, train=False)
-    return self.detect(features, boxes, valid, image_sizes)
+    anchors = self.anchor_grid(*images.shape[1:3])
+    _, _, proposals = self.proposals(features, anchors, image_sizes, train=False)
+    return self.detect(features, proposals, image_sizes)
 
-  def losses(self, images, image_sizes, gt_boxes, gt_classes, gt_masks, gt_valid=None,
-             gt_is_crowd=None):
-    """Training forward; see :meth:`__call__` for the arguments and the result.
+  def losses(self, images, image_sizes, gt: GroundTruth):
+    """Training forward: the reference's recipe (:mod:`maskrcnn_jax.ops.targets`).
 
-    The reference's recipe: anchors labelled by IoU (0.7 / 0.3 + low-quality matches; crowd and
-    padded ground truth never positive), 256 anchors sampled per image at 0.5 positives;
-    proposals with the training parameters (no gradient); ground truth appended to the
-    proposals; 512 RoIs sampled per image at 0.25 foreground (IoU >= 0.5), foreground first;
-    box targets with weights (10, 10, 5, 5); mask targets for the first
-    ``512 * 0.25`` (foreground) slots. Losses and normalisations in :mod:`ops.losses`.
+    Returns:
+      dict of float32 scalars `LOSS_KEYS` (``total_loss`` = the weighted sum of the five terms)
+      and int32 `COUNTER_KEYS` (sampled positive anchors and foreground RoIs, summed over the
+      batch).
     """
-    rpn_cfg, roi_cfg = self.rpn, self.roi
-    gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
-    gt_classes = jnp.asarray(gt_classes, jnp.int32)
-    gt_valid = (gt_classes > 0) if gt_valid is None else jnp.asarray(gt_valid, bool)
-    gt_is_crowd = (jnp.zeros_like(gt_valid) if gt_is_crowd is None
-                   else jnp.asarray(gt_is_crowd, bool))
+    rpn, roi = self.rpn, self.roi
     batch = images.shape[0]
-    key = self.make_rng('sampling')
-    rpn_keys, roi_keys = jnp.split(jax.random.split(key, 2 * batch), 2)
+    rpn_keys, roi_keys = jnp.split(jax.random.split(self.make_rng('sampling'), 2 * batch), 2)
 
+    # Features, anchors (built once) and proposals (training parameters, no gradient).
     features = self.features(images, train=True)
-    scores, deltas, (proposals, _, proposal_valid) = self.proposals(features, image_sizes,
-                                                                    train=True)
+    anchors = self.anchor_grid(*images.shape[1:3])
+    scores, deltas, proposals = self.proposals(features, anchors, image_sizes, train=True)
+
+    # Targets: anchors labelled and sampled; RoIs sampled, foreground first; mask targets.
+    all_anchors = jnp.asarray(np.concatenate([anchors[l] for l in sorted(anchors)]))
+    anchor_targets = jax.vmap(functools.partial(
+        targets.rpn_targets, positive_overlap=rpn.positive_overlap,
+        negative_overlap=rpn.negative_overlap,
+        allow_low_quality_matches=rpn.allow_low_quality_matches,
+        batch_size_per_image=rpn.batch_size_per_image, fg_fraction=rpn.fg_fraction,
+        box_weights=rpn.box_weights), in_axes=(0, None, 0))(rpn_keys, all_anchors, gt)
+    rois = jax.vmap(functools.partial(
+        targets.roi_targets, fg_threshold=roi.fg_threshold,
+        bg_threshold_hi=roi.bg_threshold_hi, bg_threshold_lo=roi.bg_threshold_lo,
+        batch_size_per_image=roi.batch_size_per_image, fg_fraction=roi.fg_fraction,
+        add_gt_as_proposals=roi.add_gt_as_proposals, box_weights=roi.box_weights))(
+            roi_keys, proposals.boxes, proposals.valid, gt)
+    rois = rois._replace(rois=lax.stop_gradient(rois.rois))
+    num_fg = targets.num_mask_rois(roi.batch_size_per_image, roi.fg_fraction)
+    fg = jax.tree_util.tree_map(lambda x: x[:, :num_fg], rois)  # the foreground slots
+    mask_targets = jax.vmap(functools.partial(
+        targets.mask_targets, resolution=self.mask.resolution))(gt, fg.rois, fg.matched)
+
+    # Heads.
+    class_logits, box_deltas = self.box_head(self._pool(features, rois.rois, roi.pooler_size))
+    mask_logits = self.mask_head(self._pool(features, fg.rois, self.mask.pooler_size))
+
+    # Losses (normalisations: ops.losses).
     levels = sorted(scores)
-    h, w = images.shape[1:3]
-    anchors = self.anchor_grid(h, w)
-    sizes = [anchors[l].shape[0] for l in levels]
-    all_anchors = jnp.asarray(np.concatenate([anchors[l] for l in levels]))
-
-    # ---- RPN targets: match, sample, encode.
-    def rpn_targets(key, boxes, valid, crowd):
-      iou = box_ops.box_iou(all_anchors, boxes, valid2=valid)
-      matched, labels = matching.match(iou, rpn_cfg.positive_overlap, rpn_cfg.negative_overlap,
-                                       rpn_cfg.allow_low_quality_matches, gt_valid=valid,
-                                       crowd=crowd)
-      pos, neg = sampling.sample_balanced_mask(key, labels, rpn_cfg.batch_size_per_image,
-                                               rpn_cfg.fg_fraction)
-      targets = box_ops.encode_boxes(boxes[matched], all_anchors, rpn_cfg.box_weights)
-      sampled_labels = jnp.where(pos, 1, jnp.where(neg, 0, -1))
-      return sampled_labels, pos, targets
-
-    rpn_labels, rpn_pos, rpn_targets_all = jax.vmap(rpn_targets)(rpn_keys, gt_boxes, gt_valid,
-                                                                 gt_is_crowd)
-    logits = jnp.concatenate([scores[l] for l in levels], axis=1)
-    rpn_score_loss = loss_ops.rpn_score_loss(logits, rpn_labels,
-                                             batch * rpn_cfg.batch_size_per_image)
-    # The reference normalises the RPN box loss per level and sums the levels.
-    rpn_box_loss = 0.0
-    start = 0
-    for level, n in zip(levels, sizes):
-      rpn_box_loss += loss_ops.rpn_box_loss(deltas[level], rpn_targets_all[:, start:start + n],
-                                            rpn_pos[:, start:start + n], rpn_cfg.huber_delta)
-      start += n
-
-    # ---- RoI sampling on proposals + ground truth.
-    def roi_targets(key, props, props_valid, boxes, classes, valid, crowd):
-      if roi_cfg.add_gt_as_proposals:
-        candidates = jnp.concatenate([props, boxes], axis=0)
-        cand_valid = jnp.concatenate([props_valid, valid & ~crowd], axis=0)
-      else:
-        candidates, cand_valid = props, props_valid
-      iou = box_ops.box_iou(candidates, boxes, valid2=valid)
-      matched, labels = matching.match(iou, roi_cfg.fg_threshold, roi_cfg.bg_threshold_hi,
-                                       False, gt_valid=valid, crowd=crowd,
-                                       bg_threshold_lo=roi_cfg.bg_threshold_lo)
-      idx, is_fg, slot_valid = sampling.sample_balanced_indices(
-          key, labels, roi_cfg.batch_size_per_image, roi_cfg.fg_fraction, valid=cand_valid)
-      rois = candidates[idx]
-      roi_matched = matched[idx]
-      roi_classes = jnp.where(is_fg, classes[roi_matched], 0)
-      targets = box_ops.encode_boxes(boxes[roi_matched], rois, roi_cfg.box_weights)
-      return rois, roi_matched, roi_classes, targets, is_fg, slot_valid
-
-    rois, roi_matched, roi_classes, roi_box_targets, is_fg, roi_valid = jax.vmap(roi_targets)(
-        roi_keys, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, gt_is_crowd)
-    rois = lax.stop_gradient(rois)
-
-    class_logits, box_deltas = self.box_head(self._pool(features, rois, roi_cfg.pooler_size))
-    # Mean over the filled RoI slots (= the reference's mean over all 512 whenever every slot is
-    # filled, which needs fewer than 512 eligible candidates to fail).
-    class_loss = loss_ops.fast_rcnn_class_loss(class_logits, roi_classes, valid=roi_valid)
-    class_deltas = jnp.take_along_axis(box_deltas, roi_classes[:, :, None, None], axis=2)[:, :, 0]
-    box_loss = loss_ops.fast_rcnn_box_loss(class_deltas, roi_box_targets, is_fg,
-                                           roi_cfg.huber_delta)
-
-    # ---- Mask head on the leading (foreground) slots.
-    num_fg = int(roi_cfg.batch_size_per_image * roi_cfg.fg_fraction)
-    fg_rois = rois[:, :num_fg]
-    fg_matched = roi_matched[:, :num_fg]
-    fg_classes = roi_classes[:, :num_fg]
-    fg = is_fg[:, :num_fg]
-    stored = gt_masks.shape[-1]
-    margin = self.mask.gt_margin
-    resolution = self.mask.resolution
-
-    def mask_targets(masks, boxes, r, m):
-      return mask_ops.mask_targets(jnp.asarray(masks, jnp.float32) / 255.0, boxes, r, m,
-                                   output_size=resolution, gt_mask_size=stored - 2 * margin,
-                                   margin=margin)
-
-    targets = jax.vmap(mask_targets)(gt_masks, gt_boxes, fg_rois, fg_matched)
-    mask_logits = self.mask_head(self._pool(features, fg_rois, self.mask.pooler_size))
-    mask_logits = jnp.take_along_axis(mask_logits, fg_classes[:, :, None, None, None],
-                                      axis=-1)[..., 0]
-    mask_loss = loss_ops.mask_loss(mask_logits, targets, fg)
-
-    total = (rpn_score_loss + rpn_cfg.box_loss_weight * rpn_box_loss + class_loss
-             + roi_cfg.box_loss_weight * box_loss + self.mask.loss_weight * mask_loss)
-    return {
-        'rpn_score_loss': rpn_score_loss,
-        'rpn_box_loss': jnp.asarray(rpn_box_loss, jnp.float32),
-        'fast_rcnn_class_loss': class_loss,
-        'fast_rcnn_box_loss': box_loss,
-        'mask_loss': mask_loss,
-        'total_loss': total,
-        'num_positive_anchors': jnp.sum(rpn_pos, dtype=jnp.int32),
-        'num_foreground_rois': jnp.sum(is_fg, dtype=jnp.int32),
+    terms = {
+        'rpn_score_loss': loss_ops.rpn_score_loss(
+            jnp.concatenate([scores[l] for l in levels], axis=1), anchor_targets.labels,
+            batch * rpn.batch_size_per_image),
+        'rpn_box_loss': loss_ops.multilevel_rpn_box_loss(
+            deltas, anchor_targets.box_targets, anchor_targets.positive, rpn.huber_delta),
+        # Mean over the filled RoI slots (= the reference's mean over all slots whenever every
+        # slot is filled, which needs fewer eligible candidates than slots to fail).
+        'fast_rcnn_class_loss': loss_ops.fast_rcnn_class_loss(class_logits, rois.classes,
+                                                              valid=rois.valid),
+        'fast_rcnn_box_loss': loss_ops.fast_rcnn_box_loss(
+            jnp.take_along_axis(box_deltas, rois.classes[:, :, None, None], axis=2)[:, :, 0],
+            rois.box_targets, rois.foreground, roi.huber_delta),
+        'mask_loss': loss_ops.mask_loss(_class_channel(mask_logits, fg.classes), mask_targets,
+                                        fg.foreground),
     }
+    terms['total_loss'] = (terms['rpn_score_loss'] + rpn.box_loss_weight * terms['rpn_box_loss']
+                           + terms['fast_rcnn_class_loss']
+                           + roi.box_loss_weight * terms['fast_rcnn_box_loss']
+                           + self.mask.loss_weight * terms['mask_loss'])
+    terms['num_positive_anchors'] = jnp.sum(anchor_targets.positive, dtype=jnp.int32)
+    terms['num_foreground_rois'] = jnp.sum(rois.foreground, dtype=jnp.int32)
+    return terms
+
+
+def _class_channel(mask_logits, classes):
+  """(B, R, M, M, K) per-class mask logits -> (B, R, M, M) of each RoI's class."""
+  return jnp.take_along_axis(mask_logits, classes[:, :, None, None, None], axis=-1)[..., 0]

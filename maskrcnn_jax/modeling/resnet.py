@@ -9,7 +9,7 @@ Freezing. Stage 1 is the stem (``conv1``, ``bn1``), stage ``s`` in 2..5 is ``lay
 ``freeze_at = k`` freezes stages 1..k (the reference: 2 = stem + res2). The freezing itself is an
 optimizer mask built by :func:`frozen_param_mask` from these names. As a pure speed measure the
 module can additionally stop the gradient at the output of the last frozen stage
-(``stop_gradient_at``): nothing upstream of that point is trainable, so the gradients of every
+(``stop_frozen_gradients``): nothing upstream of that point is trainable, so the gradients of every
 trainable parameter are unchanged and the frozen stages' backward pass is skipped.
 """
 
@@ -163,33 +163,37 @@ class ResNetStage(nn.Module):
   def __call__(self, x, train: bool = False):
     """x: (B, H, W, C_in) -> (B, H / stride, W / stride, C_out)."""
     for j in range(self.num_blocks):
-      x = self.block_cls(self.width, self.stride if j == 0 else 1, self.frozen_bn,
-                         self.bn_epsilon, self.bn_momentum, dtype=self.dtype,
+      x = self.block_cls(width=self.width, stride=self.stride if j == 0 else 1,
+                         frozen_bn=self.frozen_bn, bn_epsilon=self.bn_epsilon,
+                         bn_momentum=self.bn_momentum, dtype=self.dtype,
                          name=f'block{j}')(x, train)
     return x
 
 
 class ResNet(nn.Module):
-  """ResNet trunk returning the stage outputs C2..C5.
+  """ResNet trunk returning the stage outputs C2..C5. The attributes are the keys of
+  ``config.model.backbone`` (:class:`maskrcnn_jax.settings.BackboneSettings`); the defaults are
+  torchvision's, for the module used on its own.
 
   Attributes:
     depth: 18, 34, 50 or 101.
-    frozen_bn: frozen batch norm everywhere (True, the reference) or trainable (``finetune_bn``).
+    freeze_at: stages 1..freeze_at keep trainable batch norm in inference mode even when
+      ``train`` (the reference: frozen stages never update their statistics); their parameters
+      are frozen by the optimizer mask (:func:`frozen_param_mask`).
+    finetune_bn: trainable batch norm (True) or frozen batch norm everywhere (False, the
+      reference).
     bn_epsilon: batch-norm epsilon (torchvision: 1e-5, the reference: 1e-4).
     bn_momentum: running-average decay of trainable batch norm (the reference: 0.997).
-    freeze_at: stages 1..freeze_at keep trainable batch norm in inference mode even when
-      ``train`` (the reference: frozen stages never update their statistics); no effect with
-      frozen batch norm.
-    stop_gradient_at: stop the gradient after this stage (0 = never); only ever set it to the
-      freeze point, see the module docstring.
+    stop_frozen_gradients: also stop the gradient after stage ``freeze_at`` (see the module
+      docstring: a speed measure that changes no trainable gradient).
     dtype: compute dtype; parameters are float32.
   """
   depth: int = 50
-  frozen_bn: bool = True
+  freeze_at: int = 0
+  finetune_bn: bool = False
   bn_epsilon: float = 1e-5
   bn_momentum: float = 0.997
-  freeze_at: int = 0
-  stop_gradient_at: int = 0
+  stop_frozen_gradients: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -204,19 +208,22 @@ class ResNet(nn.Module):
     block_cls = Bottleneck if kind == 'bottleneck' else BasicBlock
     x = x.astype(self.dtype)
     x = conv(64, 7, 2, dtype=self.dtype, name='conv1')(x)
-    x = batch_norm('bn1', self.frozen_bn, train and self.freeze_at < 1, self.bn_epsilon,
+    frozen_bn = not self.finetune_bn
+    stop_at = self.freeze_at if self.stop_frozen_gradients else 0
+    x = batch_norm('bn1', frozen_bn, train and self.freeze_at < 1, self.bn_epsilon,
                    self.dtype, self.bn_momentum)(x)
     x = nn.relu(x)
     # 3x3 / 2 max-pool with padding 1 (padded with -inf, as torch).
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    if self.stop_gradient_at == 1:
+    if stop_at == 1:
       x = jax.lax.stop_gradient(x)
     outputs = {}
     for i, (num_blocks, width) in enumerate(zip(blocks, STAGE_WIDTHS)):
-      x = ResNetStage(block_cls, num_blocks, width, 2 if i > 0 else 1, self.frozen_bn,
-                      self.bn_epsilon, self.bn_momentum, dtype=self.dtype,
-                      name=f'layer{i + 1}')(x, train and self.freeze_at < i + 2)
-      if self.stop_gradient_at == i + 2:
+      x = ResNetStage(block_cls=block_cls, num_blocks=num_blocks, width=width,
+                      stride=2 if i > 0 else 1, frozen_bn=frozen_bn,
+                      bn_epsilon=self.bn_epsilon, bn_momentum=self.bn_momentum,
+                      dtype=self.dtype, name=f'layer{i + 1}')(x, train and self.freeze_at < i + 2)
+      if stop_at == i + 2:
         x = jax.lax.stop_gradient(x)
       outputs[f'c{i + 2}'] = x
     return outputs

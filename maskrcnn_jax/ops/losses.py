@@ -22,6 +22,8 @@ reference's ``divide_no_nan``), so an image without ground truth trains.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import jax
 import jax.numpy as jnp
 
@@ -91,6 +93,38 @@ def rpn_box_loss(deltas, targets, positive, delta: float = 1.0 / 9.0) -> jnp.nda
                              jnp.shape(targets))
   loss = huber_loss(deltas, targets, delta) * weights
   return safe_divide(jnp.sum(loss), jnp.sum(weights))
+
+
+def multilevel_rpn_box_loss(deltas: Mapping[str, jnp.ndarray], targets, positive,
+                            delta: float = 1.0 / 9.0) -> jnp.ndarray:
+  """RPN box loss of every level: :func:`rpn_box_loss` normalised per level, summed.
+
+  The reference normalises each level by its own positives (so a level with few positives
+  weighs as much as one with many) and sums the levels; torchvision normalises once over all.
+
+  Args:
+    deltas: level -> (B, N_l, 4) predictions; the levels in sorted key order ('p2' < 'p3' ...)
+      are the blocks of ``targets`` and ``positive``.
+    targets: (B, sum N_l, 4) encoded ground truth, levels concatenated in that order.
+    positive: (B, sum N_l) bool, the sampled positive anchors.
+    delta: Huber threshold (the reference: 1/9).
+
+  Returns:
+    Scalar float32.
+  """
+  levels = sorted(deltas)
+  count = sum(deltas[level].shape[1] for level in levels)
+  if count != positive.shape[1] or count != targets.shape[1]:
+    raise ValueError(f'the levels hold {count} anchors, the targets {targets.shape[1]} and the '
+                     f'positive mask {positive.shape[1]}')
+  total = jnp.zeros((), jnp.float32)
+  start = 0
+  for level in levels:
+    n = deltas[level].shape[1]
+    total += rpn_box_loss(deltas[level], targets[:, start:start + n], positive[:, start:start + n],
+                          delta)
+    start += n
+  return total
 
 
 def fast_rcnn_class_loss(logits, labels, valid=None) -> jnp.ndarray:

@@ -23,11 +23,13 @@ in ``optax.MultiSteps``, whose inner count (and so the schedule) advances once p
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from maskrcnn_jax.settings import OptimizerSettings
 
 Params = Any
 
@@ -103,34 +105,6 @@ def scale_biases(factor: float) -> optax.GradientTransformation:
     return updates, state
 
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
-
-
-class OptimizerSettings(NamedTuple):
-  """The optimizer's hyper-parameters (built from config.train by `settings_from_config`)."""
-  learning_rate: float
-  warmup_steps: int
-  warmup_learning_rate: float
-  learning_rate_steps: tuple[int, ...]
-  learning_rate_decay_factors: tuple[float, ...]
-  momentum: float = 0.9
-  l2_weight_decay: float = 1e-4
-  bias_grad_multiplier: float = 2.0
-  gradient_clip_norm: float = 0.0
-  gradient_accumulation_steps: int = 1
-
-
-def settings_from_config(train_config) -> OptimizerSettings:
-  """`OptimizerSettings` from ``config.train``."""
-  t = train_config
-  return OptimizerSettings(
-      learning_rate=float(t.learning_rate), warmup_steps=int(t.warmup_steps),
-      warmup_learning_rate=float(t.warmup_learning_rate),
-      learning_rate_steps=tuple(int(s) for s in t.learning_rate_steps),
-      learning_rate_decay_factors=tuple(float(f) for f in t.learning_rate_decay_factors),
-      momentum=float(t.momentum), l2_weight_decay=float(t.l2_weight_decay),
-      bias_grad_multiplier=float(t.bias_grad_multiplier),
-      gradient_clip_norm=float(t.gradient_clip_norm),
-      gradient_accumulation_steps=int(t.gradient_accumulation_steps))
 
 
 def make_optimizer(settings: OptimizerSettings, params: Params, frozen_mask: Params

@@ -1,4 +1,4 @@
-"""Mixed precision: compute dtypes and the float16 dynamic loss scale.
+"""Mixed precision: the float16 dynamic loss scale (compute dtypes: `maskrcnn_jax.modeling.DTYPES`).
 
 The reference's AMP (TF ``DynamicLossScale``): the loss is multiplied by a scale before the
 backward pass so that float16 gradients do not underflow; the gradients are divided by it again.
@@ -13,9 +13,6 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-
 
 class LossScale(flax.struct.PyTreeNode):
   """Dynamic loss-scale state.

@@ -39,29 +39,6 @@ class TrainState(flax.struct.PyTreeNode):
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
-# Compiler options of the one-off initialisation: it runs once, so XLA's backend optimisations
-# (minutes of LLVM time for the whole inference graph on a CPU) buy nothing.
-INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
-
-
-def init_variables(model, rng: jax.Array, image_size: tuple[int, int]) -> dict[str, Any]:
-  """The model's freshly initialised variables (`maskrcnn_jax.modeling.init_variables`: every
-  parameter created without running proposals or detection).
-
-  Traceable (``jax.eval_shape`` gives the abstract variables); called eagerly it compiles the
-  initialisation with `INIT_COMPILER_OPTIONS`.
-  """
-  from maskrcnn_jax import modeling  # pylint: disable=import-outside-toplevel
-  h, w = image_size
-
-  def init(rng):
-    return dict(modeling.init_variables(model, rng, h, w))
-
-  if isinstance(rng, jax.core.Tracer):
-    return init(rng)
-  return jax.jit(init).lower(rng).compile(compiler_options=INIT_COMPILER_OPTIONS)(rng)
-
-
 def create_train_state(variables: dict[str, Any], tx: optax.GradientTransformation,
                        loss_scale: LossScale) -> TrainState:
   """A step-0 `TrainState` from model variables."""

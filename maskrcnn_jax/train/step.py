@@ -12,29 +12,28 @@ are averaged.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.jax_utils
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
+from maskrcnn_jax.data.spec import INFER_KEYS, TRAIN_KEYS, GroundTruth
+from maskrcnn_jax.modeling import LOSS_KEYS, normalize_images
 from maskrcnn_jax.train import metrics as metrics_lib
 from maskrcnn_jax.train import precision
 from maskrcnn_jax.train.state import TrainState
 
 AXIS = 'batch'
-# The batch entries the train step reads (the others stay on the host).
-TRAIN_KEYS = ('images', 'image_sizes', 'gt_boxes', 'gt_classes', 'gt_masks', 'gt_valid',
-              'gt_is_crowd')
-INFER_KEYS = ('images', 'image_sizes')
-LOSS_KEYS = ('total_loss', 'rpn_score_loss', 'rpn_box_loss', 'fast_rcnn_class_loss',
-             'fast_rcnn_box_loss', 'mask_loss')
+__all__ = ['AXIS', 'INFER_KEYS', 'TRAIN_KEYS', 'device_batches', 'infer_step', 'make_infer_step',
+           'make_train_step', 'pmap_infer_step', 'pmap_train_step', 'replicate', 'shard',
+           'train_step']
 
 
 def _normalize(batch, mean, std, dtype):
-  from maskrcnn_jax.modeling import normalize_images  # pylint: disable=import-outside-toplevel
   return normalize_images(batch['images'], batch['image_sizes'], mean, std, dtype)
 
 
@@ -80,15 +79,13 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model, tx,
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
-    kwargs = dict(gt_boxes=batch['gt_boxes'], gt_classes=batch['gt_classes'],
-                  gt_masks=batch['gt_masks'], gt_valid=batch['gt_valid'],
-                  gt_is_crowd=batch['gt_is_crowd'], train=True, rngs={'sampling': rng})
+    args = (variables, images, batch['image_sizes'], GroundTruth.from_batch(batch))
+    kwargs = dict(train=True, rngs={'sampling': rng})
     if mutable_batch_stats:
-      out, updated = model.apply(variables, images, batch['image_sizes'], mutable=['batch_stats'],
-                                 **kwargs)
+      out, updated = model.apply(*args, mutable=['batch_stats'], **kwargs)
       batch_stats = updated['batch_stats']
     else:
-      out = model.apply(variables, images, batch['image_sizes'], **kwargs)
+      out = model.apply(*args, **kwargs)
       batch_stats = state.batch_stats
     # float16: scale the loss so that small gradients survive the backward pass.
     return out['total_loss'].astype(jnp.float32) * scale, (out, batch_stats)
@@ -156,9 +153,23 @@ def replicate(tree, devices=None):
   return flax.jax_utils.replicate(tree, devices, axis_name=AXIS)
 
 
-def pmap_train_step(step_fn: Callable) -> Callable:
-  """``jax.pmap`` over the local devices, donating the state."""
-  return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,))
+def shard(batch, keys: Sequence[str], num_devices: int) -> dict[str, np.ndarray]:
+  """(B, ...) host arrays of ``keys`` -> (num_devices, B / num_devices, ...): the one place a
+  host batch is split over the local devices."""
+  return {k: np.asarray(batch[k]).reshape((num_devices, -1) + np.shape(batch[k])[1:])
+          for k in keys}
+
+
+def device_batches(host_batches: Iterator, keys: Sequence[str], devices: Sequence[Any],
+                   prefetch: int = 2) -> Iterator:
+  """Host batches sharded over `devices` and put there ``prefetch`` batches ahead."""
+  sharded = (shard(b, keys, len(devices)) for b in host_batches)
+  return flax.jax_utils.prefetch_to_device(sharded, prefetch, list(devices), axis_name=AXIS)
+
+
+def pmap_train_step(step_fn: Callable, devices: Sequence[Any] | None = None) -> Callable:
+  """``jax.pmap`` over the local devices (or `devices`), donating the state."""
+  return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,), devices=devices)
 
 
 def infer_step(variables, batch, *, model, pixel_mean, pixel_std, dtype) -> dict[str, Any]:
@@ -174,7 +185,11 @@ def infer_step(variables, batch, *, model, pixel_mean, pixel_std, dtype) -> dict
 
 
 def make_infer_step(model, pixel_mean, pixel_std, dtype) -> Callable:
-  """The per-device inference step (variables, batch) -> detections, pmapped."""
-  fn = functools.partial(infer_step, model=model, pixel_mean=tuple(pixel_mean),
-                         pixel_std=tuple(pixel_std), dtype=dtype)
-  return jax.pmap(fn, axis_name=AXIS)
+  """The per-device inference step (variables, batch) -> detections, everything else bound."""
+  return functools.partial(infer_step, model=model, pixel_mean=tuple(pixel_mean),
+                           pixel_std=tuple(pixel_std), dtype=dtype)
+
+
+def pmap_infer_step(infer_fn: Callable, devices: Sequence[Any] | None = None) -> Callable:
+  """``jax.pmap`` of the inference step over the local devices (or `devices`)."""
+  return jax.pmap(infer_fn, axis_name=AXIS, devices=devices)

@@ -175,16 +175,25 @@ def resnet_from_torchvision(state_dict: StateDict, depth: int, finetune_bn: bool
     ``{'params': ..., 'batch_stats': ...}`` nested dicts of float32 NumPy arrays: put them
     under ``'backbone'`` of a whole model's variables.
   """
-  model = ResNet(depth, frozen_bn=not finetune_bn)
+  model = ResNet(depth, finetune_bn=finetune_bn)
   target = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
   ignored = lambda k: k.endswith('num_batches_tracked') or k.split('.')[0] == 'fc'
   return _convert(target, sub, lambda path: [_backbone_module(path)], 0, ignored)
 
 
-def from_torchvision(state_dict: StateDict, model_config) -> dict:
-  """Variables of ``build_model(model_config)`` from a torchvision Mask R-CNN state dict
-  (``maskrcnn_resnet50_fpn``; use ``configs/torchvision_r50.py`` for its exact architecture).
+def from_torchvision(state_dict: StateDict, target: Mapping[str, Any], *, pooler_size: int,
+                     min_level: int) -> dict:
+  """Variables of a Mask R-CNN from a torchvision Mask R-CNN state dict
+  (``maskrcnn_resnet50_fpn``; ``configs/torchvision_r50.py`` is its exact architecture).
+
+  Args:
+    state_dict: torchvision names -> NumPy arrays (see :func:`load_state_dict`).
+    target: the model's variables or their abstract shapes (``jax.eval_shape`` of
+      :func:`maskrcnn_jax.modeling.init_variables`): the layout to fill.
+    pooler_size: the box head's RoI size (config.model.roi.pooler_size; torchvision flattens the
+      pooled features channel-major).
+    min_level: the finest pyramid level (config.model.min_level).
 
   Returns:
     ``{'params': ..., 'batch_stats': ...}`` nested dicts of float32 NumPy arrays.
@@ -192,13 +201,9 @@ def from_torchvision(state_dict: StateDict, model_config) -> dict:
   Raises:
     WeightImportError: naming missing keys, unexpected keys and shape mismatches.
   """
-  from maskrcnn_jax.modeling import build_model, init_variables  # pylint: disable=g-import-not-at-top
-  model = build_model(model_config)
-  size = 2 ** model_config.max_level * 2
-  target = jax.eval_shape(lambda k: init_variables(model, k, size, size), jax.random.key(0))
   ignored = lambda k: k.endswith('num_batches_tracked')
-  return _convert(target, state_dict, lambda p: _maskrcnn_candidates(p, model.min_level),
-                  model.roi.pooler_size, ignored)
+  return _convert(target, state_dict, lambda p: _maskrcnn_candidates(p, min_level), pooler_size,
+                  ignored)
 
 
 def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
@@ -216,13 +221,14 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
       return {k: np.asarray(data[k]) for k in data.files}
   if suffix == '.safetensors':
     try:
+      # Optional dependency, only for .safetensors files.
       from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise ImportError(f'reading {path} needs the safetensors package') from e
     return dict(load_file(str(path)))
   if suffix in ('.pth', '.pt'):
     try:
-      import torch  # pylint: disable=g-import-not-at-top
+      import torch  # pylint: disable=g-import-not-at-top  # torch boundary: .pth files only
     except ImportError as e:
       raise ImportError(f'reading {path} needs torch; convert it to .npz or .safetensors '
                         'where torch is installed') from e
@@ -235,18 +241,20 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   raise ValueError(f'unsupported weights file {path}: use .npz, .safetensors or .pth')
 
 
-def load_pretrained(variables: dict, model_config, maskrcnn_path: str = '',
-                    backbone_path: str = '', backbone_prefix: str = '') -> dict:
+def load_pretrained(variables: dict, *, maskrcnn_path: str = '', backbone_path: str = '',
+                    backbone_prefix: str = '', depth: int, finetune_bn: bool, pooler_size: int,
+                    min_level: int) -> dict:
   """Freshly initialised model variables with torchvision weights put in.
 
   Args:
-    variables: ``{'params', 'batch_stats'}`` of ``build_model(model_config)`` (fresh init).
-    model_config: ``config.model``.
+    variables: ``{'params', 'batch_stats'}`` of the model (fresh init).
     maskrcnn_path: a whole ``maskrcnn_resnet50_fpn`` state dict file (replaces every variable).
     backbone_path: an ImageNet ``resnet{depth}`` state dict file (replaces the backbone only; the
       FPN and heads keep their initialisation). Ignored when ``maskrcnn_path`` is given.
     backbone_prefix: prefix of the backbone keys in ``backbone_path`` (e.g. ``'backbone.body.'``
       to take the backbone of a detection checkpoint).
+    depth, finetune_bn: the model's ResNet (config.model.backbone).
+    pooler_size, min_level: as :func:`from_torchvision`.
 
   Returns:
     Variables of the same structure, shapes and dtypes as ``variables``.
@@ -255,11 +263,11 @@ def load_pretrained(variables: dict, model_config, maskrcnn_path: str = '',
     WeightImportError: the file does not fit the model (the message names the keys).
   """
   if maskrcnn_path:
-    imported = from_torchvision(load_state_dict(maskrcnn_path), model_config)
+    imported = from_torchvision(load_state_dict(maskrcnn_path), variables,
+                                pooler_size=pooler_size, min_level=min_level)
   elif backbone_path:
-    backbone = resnet_from_torchvision(
-        load_state_dict(backbone_path), int(model_config.backbone.depth),
-        finetune_bn=bool(model_config.backbone.finetune_bn), prefix=backbone_prefix)
+    backbone = resnet_from_torchvision(load_state_dict(backbone_path), depth,
+                                       finetune_bn=finetune_bn, prefix=backbone_prefix)
     imported = {collection: dict(tree) for collection, tree in variables.items()}
     for collection, tree in backbone.items():
       imported.setdefault(collection, {})['backbone'] = tree

@@ -13,6 +13,7 @@ from data_helpers import SAMPLE_DIR, box_annotation, build, load_config, write_c
 from maskrcnn_jax.data import annotations
 from maskrcnn_jax.data import pipeline
 from maskrcnn_jax.data import preprocess
+from maskrcnn_jax.train import experiment
 
 IMG_A = SAMPLE_DIR / 'val2017' / '000000343934.jpg'   # 480 x 640
 IMG_B = SAMPLE_DIR / 'val2017' / '000000194216.jpg'   # 294 x 640
@@ -145,14 +146,14 @@ def test_images_without_annotations_and_zero_ids(tmp_path):
   config = load_config(tfds_data_dir=str(tmp_path / 'tfds'), train_split='validation',
                        image_size=(128, 192), gt_mask_size=8, max_instances=4)
   # Evaluation keeps the image without annotations.
-  batch = next(pipeline.eval_iterator(config, 2, process_index=0, process_count=1,
+  batch = next(experiment.build_eval_iterator(config, 2, process_index=0, process_count=1,
                                       source=source))
   assert batch['example_valid'].all() and batch['gt_valid'].sum(1).tolist() == [2, 0]
   assert batch['gt_classes'][0, :2].tolist() == [1, 2]
   # Training drops it unless keep_images_without_annotations_in_training.
   for keep, expected in ((False, {1}), (True, {1, 2})):
     config.data.keep_images_without_annotations_in_training = keep
-    batch = next(pipeline.train_iterator(config, 4, process_index=0, process_count=1,
+    batch = next(experiment.build_train_iterator(config, 4, process_index=0, process_count=1,
                                          num_workers=1, source=source))
     assert set(batch['image_ids'].tolist()) == expected
 

@@ -11,6 +11,7 @@ from maskrcnn_jax.data import pipeline
 from maskrcnn_jax.data import preprocess
 from maskrcnn_jax.data import spec
 from maskrcnn_jax.data import synthetic
+from maskrcnn_jax.train import experiment
 from data_helpers import SAMPLE_DIR, load_config
 
 CROWD_IMAGE = 464689   # holds the one crowd RLE object (annotation 904400464689)
@@ -130,9 +131,10 @@ def test_crowd_kept_for_eval_dropped_for_training(sample_source):
 
 def test_train_batches_match_the_synthetic_contract(sample_data_dir, sample_source):
   config = _config(sample_data_dir)
-  batch = next(pipeline.train_iterator(config, 2, process_index=0, process_count=1,
+  batch = next(experiment.build_train_iterator(config, 2, process_index=0, process_count=1,
                                        num_workers=2, source=sample_source))
-  fake = synthetic.synthetic_batch_from_config(config, 2)
+  fake = synthetic.synthetic_batch(2, tuple(config.data.image_size), config.data.max_instances,
+                                  config.data.gt_mask_size, config.model.num_classes)
   assert sorted(batch) == sorted(fake)
   for key in fake:
     assert (batch[key].shape, batch[key].dtype) == (fake[key].shape, fake[key].dtype), key
@@ -147,9 +149,9 @@ def test_train_batches_match_the_synthetic_contract(sample_data_dir, sample_sour
 def test_training_is_deterministic_and_resumes_exactly(sample_data_dir, sample_source):
   config = _config(sample_data_dir, image_size=(256, 384), gt_mask_size=16, max_instances=20)
   kwargs = dict(process_index=0, process_count=1, source=sample_source)
-  it = pipeline.train_iterator(config, 2, 0, seed=7, num_workers=2, **kwargs)
+  it = experiment.build_train_iterator(config, 2, 0, seed=7, num_workers=2, **kwargs)
   full = [next(it) for _ in range(8)]  # 16 examples: three epochs of 5 trainable images
-  resumed = pipeline.train_iterator(config, 2, 5, seed=7, num_workers=1, **kwargs)
+  resumed = experiment.build_train_iterator(config, 2, 5, seed=7, num_workers=1, **kwargs)
   for step in range(5, 8):
     batch = next(resumed)
     for key in batch:
@@ -158,15 +160,15 @@ def test_training_is_deterministic_and_resumes_exactly(sample_data_dir, sample_s
   # Each epoch is a permutation of the trainable images (the empty image 89 is excluded).
   trainable = sorted(set(sample_source.image_ids) - {EMPTY_IMAGE})
   assert sorted(ids[:5]) == trainable and sorted(ids[5:10]) == trainable
-  other = pipeline.train_iterator(config, 2, 0, seed=8, num_workers=1, **kwargs)
+  other = experiment.build_train_iterator(config, 2, 0, seed=8, num_workers=1, **kwargs)
   assert any((next(other)['image_ids'] != full[s]['image_ids']).any() for s in range(4))
 
 
 def test_hosts_share_the_global_batch(sample_data_dir, sample_source):
   config = _config(sample_data_dir, image_size=(128, 192), gt_mask_size=8, max_instances=20)
-  single = next(pipeline.train_iterator(config, 4, 1, seed=3, process_index=0, process_count=1,
+  single = next(experiment.build_train_iterator(config, 4, 1, seed=3, process_index=0, process_count=1,
                                         num_workers=1, source=sample_source))
-  hosts = [next(pipeline.train_iterator(config, 2, 1, seed=3, process_index=p, process_count=2,
+  hosts = [next(experiment.build_train_iterator(config, 2, 1, seed=3, process_index=p, process_count=2,
                                         num_workers=1, source=sample_source)) for p in (0, 1)]
   for key in single:
     np.testing.assert_array_equal(np.concatenate([h[key] for h in hosts]), single[key])
@@ -185,7 +187,7 @@ def test_eval_pads_the_final_batch(sample_data_dir, sample_json):
   for count in (1, 2):
     seen = []
     for p in range(count):
-      batches = list(pipeline.eval_iterator(config, 4, process_index=p, process_count=count,
+      batches = list(experiment.build_eval_iterator(config, 4, process_index=p, process_count=count,
                                             num_workers=2, source=source))
       assert len(batches) == pipeline.num_eval_batches(6, 4, count)
       for b in batches:
@@ -193,7 +195,7 @@ def test_eval_pads_the_final_batch(sample_data_dir, sample_json):
         seen += list(b['image_ids'][b['example_valid']])
         assert not b['image_ids'][~b['example_valid']].any()
     assert sorted(seen) == sorted(im['id'] for im in sample_json['images'])
-  batches = list(pipeline.eval_iterator(config, 4, process_index=0, process_count=1,
+  batches = list(experiment.build_eval_iterator(config, 4, process_index=0, process_count=1,
                                         source=source))
   assert batches[-1]['example_valid'].tolist() == [True, True, False, False]
   b = batches[0]

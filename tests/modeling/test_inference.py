@@ -17,7 +17,7 @@ def test_inference_contract():
   config = load_config(ROOT / 'configs/tiny.py')
   model = build_model(config.model)
   h, w = config.data.image_size
-  variables = init_variables(model, jax.random.key(0), h, w)
+  variables = init_variables(model, jax.random.key(0), (h, w))
   rng = np.random.default_rng(0)
   images_u8 = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
   sizes = np.array([[h, w], [96, 80]], np.int32)
@@ -40,5 +40,5 @@ def test_inference_contract():
     assert np.all(boxes >= 0)
     masks = out['masks'][b][valid]
     assert np.all((masks >= 0) & (masks <= 1))
-  with pytest.raises(ValueError, match='gt_boxes'):
+  with pytest.raises(ValueError, match='needs the ground truth'):
     model.apply(variables, images, sizes, train=True)

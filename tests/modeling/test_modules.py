@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from maskrcnn_jax.configs import load_config
-from maskrcnn_jax.modeling import (ResNet, build_model, detections_from_boxes, frozen_param_mask,
+from maskrcnn_jax.modeling import (ResNet, build_model, frozen_param_mask,
                                    init_variables, normalize_images)
 from maskrcnn_jax.modeling.fpn import FPN
 from maskrcnn_jax.modeling.heads import RPNHead
@@ -92,27 +92,10 @@ def test_normalize_images_zeroes_padding():
   assert not out[1, 2:].any() and not out[1, :, 3:].any()
 
 
-def test_detections_from_boxes_small_case():
-  # Two proposals, three classes (0 = background). Zero deltas: boxes are the proposals.
-  proposals = jnp.array([[0., 0., 10., 10.], [1., 1., 11., 11.]])
-  logits = jnp.log(jnp.array([[0.1, 0.6, 0.3], [0.2, 0.5, 0.3]]))
-  deltas = jnp.zeros((2, 3, 4))
-  boxes, scores, classes, valid = detections_from_boxes(
-      proposals, jnp.array([True, True]), logits, deltas, jnp.array([8, 20]),
-      box_weights=(10., 10., 5., 5.), score_threshold=0.25, min_box_size=0.0, pre_nms_topk=10,
-      nms_threshold=0.5, max_detections=4)
-  # Class 1: 0.6 (roi 0) suppresses 0.5 (roi 1, IoU 0.68); class 2: 0.3 and 0.3 -> roi 0 first
-  # (lower candidate index on ties), then suppresses roi 1.
-  np.testing.assert_array_equal(valid, [True, True, False, False])
-  np.testing.assert_allclose(scores[:2], [0.6, 0.3], rtol=1e-5)
-  np.testing.assert_array_equal(classes[:2], [1, 2])
-  np.testing.assert_allclose(boxes[0], [0., 0., 10., 8.])  # clipped to height 8
-
-
 def test_frozen_param_mask_names():
   config = load_config(ROOT / 'configs/tiny.py')
   model = build_model(config.model)
-  shapes = jax.eval_shape(lambda k: init_variables(model, k, 64, 64), jax.random.key(0))
+  shapes = jax.eval_shape(lambda k: init_variables(model, k, (64, 64)), jax.random.key(0))
   mask = frozen_param_mask(shapes['params'], 2)
   assert all(jax.tree_util.tree_leaves(mask['backbone']['conv1']))
   assert all(jax.tree_util.tree_leaves(mask['backbone']['layer1']))
@@ -126,7 +109,7 @@ def test_low_precision_keeps_float32_params_and_outputs(precision):
   config = load_config(ROOT / 'configs/tiny.py')
   config.model.precision = precision
   model = build_model(config.model)
-  shapes = jax.eval_shape(lambda k: init_variables(model, k, 64, 64), jax.random.key(0))
+  shapes = jax.eval_shape(lambda k: init_variables(model, k, (64, 64)), jax.random.key(0))
   assert {x.dtype for x in jax.tree_util.tree_leaves(shapes)} == {jnp.dtype(jnp.float32)}
   feats = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, 64, 64, 3)), method='features'),
                          shapes)
@@ -135,7 +118,7 @@ def test_low_precision_keeps_float32_params_and_outputs(precision):
 
 def test_finetune_bn_updates_only_unfrozen_statistics():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
-  resnet = ResNet(18, frozen_bn=False, freeze_at=2)
+  resnet = ResNet(18, finetune_bn=True, freeze_at=2)
   v = resnet.init(jax.random.key(0), x)
   _, updated = resnet.apply(v, x, train=True, mutable=['batch_stats'])
   before, after = v['batch_stats'], updated['batch_stats']

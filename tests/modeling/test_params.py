@@ -29,7 +29,7 @@ def test_resnet50_backbone_matches_torchvision():
 
 
 def test_resnet50_trainable_bn_matches_torchvision_imagenet_without_fc():
-  shapes = jax.eval_shape(ResNet(50, frozen_bn=False).init, jax.random.key(0),
+  shapes = jax.eval_shape(ResNet(50, finetune_bn=True).init, jax.random.key(0),
                           np.zeros((1, 64, 64, 3)))
   fc = 2048 * 1000 + 1000
   assert _count(shapes['params']) == _counts()['resnet50_imagenet'] - fc
@@ -38,6 +38,6 @@ def test_resnet50_trainable_bn_matches_torchvision_imagenet_without_fc():
 def test_whole_model_matches_torchvision():
   config = load_config(ROOT / 'configs/torchvision_r50.py')
   model = build_model(config.model)
-  shapes = jax.eval_shape(lambda k: init_variables(model, k, 128, 128), jax.random.key(0))
+  shapes = jax.eval_shape(lambda k: init_variables(model, k, (128, 128)), jax.random.key(0))
   assert _count(shapes['params']) == _counts()['maskrcnn_resnet50_fpn']
   assert set(shapes) == {'params', 'batch_stats'}

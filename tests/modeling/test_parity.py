@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from maskrcnn_jax.configs import load_config
-from maskrcnn_jax.modeling import build_model, normalize_images
+from maskrcnn_jax.modeling import build_model, init_variables, normalize_images
 from maskrcnn_jax.weights import from_torchvision
 from maskrcnn_jax.weights.synthetic import synthetic_torchvision_state_dict
 
@@ -50,14 +50,17 @@ def state_dict(manifest, golden):
 def outputs(state_dict, golden):
   config = load_config(ROOT / 'configs/torchvision_r50.py')
   model = build_model(config.model)
-  variables = from_torchvision(state_dict, config.model)
+  target = jax.eval_shape(lambda k: init_variables(model, k, (128, 128)), jax.random.key(0))
+  variables = from_torchvision(state_dict, target, pooler_size=config.model.roi.pooler_size,
+                               min_level=config.model.min_level)
   images = normalize_images(golden['image_uint8'], golden['image_sizes'], golden['mean'],
                             golden['std'])
 
   def run(module, images, sizes):
     features = module.features(images)
-    _, _, (boxes, _, valid) = module.proposals(features, sizes)
-    return features, boxes, valid, module.detect(features, boxes, valid, sizes)
+    anchors = module.anchor_grid(*images.shape[1:3])
+    _, _, proposals = module.proposals(features, anchors, sizes)
+    return features, proposals.boxes, proposals.valid, module.detect(features, proposals, sizes)
 
   fn = jax.jit(lambda v, x, s: model.apply(v, x, s, method=run))
   features, proposals, valid, detections = jax.device_get(

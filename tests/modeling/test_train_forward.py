@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from maskrcnn_jax.configs import load_config
+from maskrcnn_jax.data.spec import GroundTruth
 from maskrcnn_jax.modeling import build_model, frozen_param_mask, init_variables, normalize_images
 from maskrcnn_jax.ops.masks import crop_gt_mask
 
@@ -38,7 +39,7 @@ def model(config):
 @pytest.fixture(scope='module')
 def variables(model, config):
   h, w = config.data.image_size
-  return init_variables(model, jax.random.key(0), h, w)
+  return init_variables(model, jax.random.key(0), (h, w))
 
 
 def _coco_batch(config, num_images=2, keep_crowd=False):
@@ -93,9 +94,7 @@ def loss_fn(model, config):
   def fn(variables, batch, key):
     traces.append(1)  # runs once per trace, not per call
     images = normalize_images(batch['images'], batch['image_sizes'], mean, std)
-    return model.apply(variables, images, batch['image_sizes'], gt_boxes=batch['gt_boxes'],
-                       gt_classes=batch['gt_classes'], gt_masks=batch['gt_masks'],
-                       gt_valid=batch['gt_valid'], gt_is_crowd=batch['gt_is_crowd'],
+    return model.apply(variables, images, batch['image_sizes'], GroundTruth.from_batch(batch),
                        train=True, rngs={'sampling': key})
 
   jitted = jax.jit(fn)
@@ -155,9 +154,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(model, variables, batc
   def total(params):
     images = normalize_images(batch['images'], batch['image_sizes'], mean, std)
     out = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, images,
-                      batch['image_sizes'], gt_boxes=batch['gt_boxes'],
-                      gt_classes=batch['gt_classes'], gt_masks=batch['gt_masks'],
-                      gt_valid=batch['gt_valid'], gt_is_crowd=batch['gt_is_crowd'],
+                      batch['image_sizes'], GroundTruth.from_batch(batch),
                       train=True, rngs={'sampling': jax.random.key(1)})
     return out['total_loss']
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from maskrcnn_jax.ops import nms as nms_ops
+from maskrcnn_jax.ops import proposals as proposal_ops
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,7 +306,7 @@ def test_multilevel_proposals_match_numpy_pipeline(min_size):
   # Image 0 fills the 32x32 canvas; image 1's valid region is 20 x 28, so anchors in the padding
   # clip to empty boxes (kept with min_size 0, as the reference; dropped with min_size 4).
   image_sizes = np.array([[32, 32], [20, 28]], np.int32)
-  fn = jax.jit(lambda s, d, a, sz: nms_ops.multilevel_proposals(
+  fn = jax.jit(lambda s, d, a, sz: proposal_ops.multilevel_proposals(
       s, d, a, sz, pre_nms_topk=50, post_nms_topk=20, nms_threshold=0.7, min_size=min_size))
   boxes, out_scores, valid = (np.asarray(r) for r in fn(scores, deltas, anchors, image_sizes))
   assert boxes.shape == (2, 20, 4) and out_scores.shape == (2, 20) and valid.shape == (2, 20)
@@ -336,7 +337,7 @@ def test_multilevel_proposals_fewer_candidates_than_outputs():
   anchors = {'p3': np_anchors(2, 8.0), 'p4': np_anchors(1, 16.0)}  # 12 + 3 anchors
   scores = {k: rng.normal(0, 1, (1, len(a))).astype(np.float32) for k, a in anchors.items()}
   deltas = {k: np.zeros((1, len(a), 4), np.float32) for k, a in anchors.items()}
-  fn = jax.jit(lambda s, d: nms_ops.multilevel_proposals(
+  fn = jax.jit(lambda s, d: proposal_ops.multilevel_proposals(
       s, d, anchors, np.array([[16, 16]], np.int32), pre_nms_topk=100, post_nms_topk=40,
       nms_threshold=0.7))
   boxes, out_scores, valid = (np.asarray(r) for r in fn(scores, deltas))
@@ -355,7 +356,7 @@ def test_multilevel_proposals_stop_gradients():
   deltas = {'p2': jnp.zeros((1, 12, 4))}
 
   def total(s, d):
-    boxes, out_scores, valid = nms_ops.multilevel_proposals(
+    boxes, out_scores, valid = proposal_ops.multilevel_proposals(
         {'p2': s}, {'p2': d}, anchors, np.array([[8, 8]], np.int32), 12, 5, 0.7)
     return jnp.sum(jnp.where(valid[..., None], boxes, 0.0)) + jnp.sum(
         jnp.where(valid, out_scores, 0.0))

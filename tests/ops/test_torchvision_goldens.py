@@ -2,7 +2,7 @@
 
 The goldens live in ``tests/ops/goldens/torchvision_ops.npz`` and are produced by
 ``tools/make_ops_goldens.py`` (see its docstring for every key and layout); regenerate them with
-``/work/tvenv/bin/python tools/make_ops_goldens.py``. This module needs no torch.
+``$TORCH_VENV/bin/python tools/make_ops_goldens.py``. This module needs no torch.
 
 Every float comparison is a max-abs-error check at 1e-4 (float32). NMS results must match
 torchvision's kept indices exactly (the goldens are drawn so that no suppression decision is
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 GOLDENS = pathlib.Path(__file__).parent / 'goldens' / 'torchvision_ops.npz'
-REGENERATE = '/work/tvenv/bin/python tools/make_ops_goldens.py'
+REGENERATE = '$TORCH_VENV/bin/python tools/make_ops_goldens.py'
 ATOL = 1e-4
 
 BOX_IOU_CASES = ('random', 'degenerate')

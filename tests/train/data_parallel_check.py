@@ -25,7 +25,7 @@ def main():
   from maskrcnn_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
   rep = step_lib.replicate(state)
   for b in batches:
-    rep, m4 = p(rep, helpers.shard(b, 4))
+    rep, m4 = p(rep, step_lib.shard(b, step_lib.TRAIN_KEYS, 4))
   for leaf in jax.tree_util.tree_leaves(rep.params):
     for d in range(1, 4):
       np.testing.assert_array_equal(np.asarray(leaf[d]), np.asarray(leaf[0]))

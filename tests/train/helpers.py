@@ -16,7 +16,9 @@ IMAGE = (32, 32)
 
 def settings(**overrides):
   base = dict(learning_rate=0.1, warmup_steps=0, warmup_learning_rate=0.0,
-              learning_rate_steps=(100,), learning_rate_decay_factors=(0.1,))
+              learning_rate_steps=(100,), learning_rate_decay_factors=(0.1,), momentum=0.9,
+              l2_weight_decay=1e-4, bias_grad_multiplier=2.0, gradient_clip_norm=0.0,
+              gradient_accumulation_steps=1)
   base.update(overrides)
   return optimizer.OptimizerSettings(**base)
 
@@ -61,16 +63,12 @@ def batch(batch_size=4, seed=0):
   return {k: b[k] for k in step_lib.TRAIN_KEYS}
 
 
-def shard(b, num_devices):
-  return {k: v.reshape((num_devices, -1) + v.shape[1:]) for k, v in b.items()}
-
-
 def run_steps(state, fn, batches, num_devices=1):
   """Runs the pmapped step over batches; returns the unreplicated state and last metrics."""
   p = jax.pmap(fn, axis_name=step_lib.AXIS, devices=jax.local_devices()[:num_devices])
   rep = step_lib.replicate(state, jax.local_devices()[:num_devices])
   m = None
   for b in batches:
-    rep, m = p(rep, shard(b, num_devices))
+    rep, m = p(rep, step_lib.shard(b, step_lib.TRAIN_KEYS, num_devices))
   return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), rep), jax.tree_util.tree_map(
       lambda x: x[0], m)

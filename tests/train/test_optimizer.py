@@ -8,6 +8,15 @@ import pytest
 
 from maskrcnn_jax.train import optimizer
 
+# The reference's values of the fields a test does not set (configs/coco_r50.py).
+_BASE = dict(learning_rate=1.0, warmup_steps=0, warmup_learning_rate=0.0, learning_rate_steps=(),
+             learning_rate_decay_factors=(), momentum=0.9, l2_weight_decay=1e-4,
+             bias_grad_multiplier=2.0, gradient_clip_norm=0.0, gradient_accumulation_steps=1)
+
+
+def _settings(**kw):
+  return optimizer.OptimizerSettings(**{**_BASE, **kw})
+
 
 def test_schedule_values_at_its_boundaries():
   f = optimizer.learning_rate_schedule(0.04, 1000, 0.0, (30000, 40000), (0.1, 0.01))
@@ -40,8 +49,7 @@ def _frozen(params):
 
 
 def _update(params, grads, **kw):
-  s = optimizer.OptimizerSettings(learning_rate=0.1, warmup_steps=0, warmup_learning_rate=0.0,
-                                  learning_rate_steps=(), learning_rate_decay_factors=(), **kw)
+  s = _settings(learning_rate=0.1, **kw)
   tx, _ = optimizer.make_optimizer(s, params, _frozen(params))
   updates, _ = tx.update(grads, tx.init(params), params)
   return updates
@@ -73,7 +81,7 @@ def test_l2_gradient_equals_the_reference_l2_loss_gradient():
   wd = 1e-4
   g = jax.grad(lambda w: wd * jnp.sum(w ** 2) / 2)(w)
   params = {'k': {'kernel': w}}
-  s = optimizer.OptimizerSettings(1.0, 0, 0.0, (), (), momentum=0.0, l2_weight_decay=wd)
+  s = _settings(momentum=0.0, l2_weight_decay=wd)
   tx, _ = optimizer.make_optimizer(s, params, {'k': {'kernel': False}})
   u, _ = tx.update({'k': {'kernel': jnp.zeros(3)}}, tx.init(params), params)
   np.testing.assert_allclose(-u['k']['kernel'], g, rtol=1e-6)
@@ -81,8 +89,7 @@ def test_l2_gradient_equals_the_reference_l2_loss_gradient():
 
 def test_momentum_and_clipping():
   params = {'head': {'kernel': jnp.zeros(2)}}
-  s = optimizer.OptimizerSettings(1.0, 0, 0.0, (), (), momentum=0.9, l2_weight_decay=0.0,
-                                  gradient_clip_norm=1.0)
+  s = _settings(momentum=0.9, l2_weight_decay=0.0, gradient_clip_norm=1.0)
   tx, _ = optimizer.make_optimizer(s, params, {'head': {'kernel': False}})
   state = tx.init(params)
   g = {'head': {'kernel': jnp.array([3.0, 4.0])}}  # norm 5 -> clipped to 1
@@ -94,8 +101,7 @@ def test_momentum_and_clipping():
 
 def test_gradient_accumulation_applies_every_k():
   params = {'head': {'kernel': jnp.zeros(1)}}
-  s = optimizer.OptimizerSettings(1.0, 0, 0.0, (), (), momentum=0.0, l2_weight_decay=0.0,
-                                  gradient_accumulation_steps=2)
+  s = _settings(momentum=0.0, l2_weight_decay=0.0, gradient_accumulation_steps=2)
   tx, _ = optimizer.make_optimizer(s, params, {'head': {'kernel': False}})
   state = tx.init(params)
   u, state = tx.update({'head': {'kernel': jnp.array([1.0])}}, state, params)

@@ -85,13 +85,13 @@ def test_float32_non_finite_loss_is_reported_with_its_step():
   rep = step_lib.replicate(state, jax.local_devices()[:1])
   acc = None
   for b in [helpers.batch(seed=1), helpers.batch(seed=2), bad, helpers.batch(seed=3)]:
-    rep, m = p(rep, helpers.shard(b, 1))
+    rep, m = p(rep, step_lib.shard(b, step_lib.TRAIN_KEYS, 1))
     m = jax.tree_util.tree_map(lambda x: x[0], m)
     acc = m if acc is None else acc.merge(m)
   assert metrics_lib.first_nonfinite_step(acc) == 2
 
   class Manager:  # what the loop's check reads of the checkpoint manager
-    directory = '/work/ckpt'
+    directory = 'workdir/checkpoints'
 
     @staticmethod
     def latest_step():

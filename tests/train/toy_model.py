@@ -14,7 +14,6 @@ import jax.numpy as jnp
 from maskrcnn_jax.modeling import layers
 
 
-
 class ToyBackbone(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
@@ -34,8 +33,7 @@ class ToyDetector(nn.Module):
   mask_size: int = 4
 
   @nn.compact
-  def __call__(self, images, image_sizes, gt_boxes=None, gt_classes=None, gt_masks=None,
-               gt_valid=None, gt_is_crowd=None, train=False):
+  def __call__(self, images, image_sizes, gt=None, train=False):
     feat = ToyBackbone(self.dtype, name='backbone')(images)
     pooled = feat.astype(jnp.float32).mean((1, 2))
     pred = nn.Dense(4, name='box_head')(pooled)  # (B, 4)
@@ -49,12 +47,12 @@ class ToyDetector(nn.Module):
               'masks': jnp.ones((b, d, self.mask_size, self.mask_size)) * 0.9,
               'valid': jnp.ones((b, d), bool)}
     self.make_rng('sampling')  # the real model needs this stream; fail if it is missing
-    valid = gt_valid.astype(jnp.float32)[..., None]
-    target = (gt_boxes * valid).sum(1) / jnp.maximum(valid.sum(1), 1.0) / 100.0
+    valid = gt.valid.astype(jnp.float32)[..., None]
+    target = (gt.boxes * valid).sum(1) / jnp.maximum(valid.sum(1), 1.0) / 100.0
     per_example = jnp.sum((pred - target) ** 2, axis=-1)
     loss = jnp.mean(per_example)
     zero = jnp.zeros((), jnp.float32)
     return {'rpn_score_loss': loss, 'rpn_box_loss': zero, 'fast_rcnn_class_loss': zero,
             'fast_rcnn_box_loss': zero, 'mask_loss': zero, 'total_loss': loss,
-            'num_positive_anchors': jnp.sum(gt_valid).astype(jnp.int32),
-            'num_foreground_rois': jnp.sum(gt_valid).astype(jnp.int32)}
+            'num_positive_anchors': jnp.sum(gt.valid).astype(jnp.int32),
+            'num_foreground_rois': jnp.sum(gt.valid).astype(jnp.int32)}

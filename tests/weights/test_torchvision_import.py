@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maskrcnn_jax.configs import load_config
-from maskrcnn_jax.modeling import ResNet
-from maskrcnn_jax.weights import (WeightImportError, from_torchvision, load_state_dict,
-                                  resnet_from_torchvision)
+from maskrcnn_jax.configs import load_config, validate_config
+from maskrcnn_jax.modeling import ResNet, build_model, init_variables
+from maskrcnn_jax.weights import (WeightImportError, from_torchvision, load_pretrained,
+                                  load_state_dict, resnet_from_torchvision)
 from maskrcnn_jax.weights.synthetic import synthetic_torchvision_state_dict
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def test_resnet50_import_from_maskrcnn_prefix_and_trainable_bn():
   assert set(trainable['batch_stats']['bn1']) == {'mean', 'var'}
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 64, 3)), jnp.float32)
   a = ResNet(50).apply(frozen, x)['c5']
-  b = ResNet(50, frozen_bn=False).apply(trainable, x)['c5']  # running averages in eval mode
+  b = ResNet(50, finetune_bn=True).apply(trainable, x)['c5']  # running averages in eval mode
   np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -97,8 +97,11 @@ def test_maskrcnn_import_accepts_legacy_names():
       k = k.replace(f'fpn.inner_blocks.{i}.0.', f'fpn.inner_blocks.{i}.')
       k = k.replace(f'fpn.layer_blocks.{i}.0.', f'fpn.layer_blocks.{i}.')
     legacy[k] = v
-  a = from_torchvision(sd, config.model)
-  b = from_torchvision(legacy, config.model)
+  model = build_model(config.model)
+  target = jax.eval_shape(lambda k: init_variables(model, k, (128, 128)), jax.random.key(0))
+  kwargs = dict(pooler_size=config.model.roi.pooler_size, min_level=config.model.min_level)
+  a = from_torchvision(sd, target, **kwargs)
+  b = from_torchvision(legacy, target, **kwargs)
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
   # fc6 rows: torchvision flattens (C, 7, 7), the model (7, 7, C).
   w = sd['roi_heads.box_head.fc6.weight']
@@ -124,18 +127,17 @@ def test_load_state_dict_npz_and_errors(tmp_path):
 
 def test_load_pretrained_backbone_into_a_whole_model(tmp_path):
   """config.init.torchvision_backbone: an ImageNet resnet18 file replaces the backbone only."""
-  from maskrcnn_jax.modeling import build_model, init_variables  # pylint: disable=g-import-not-at-top
-  from maskrcnn_jax.weights import load_pretrained  # pylint: disable=g-import-not-at-top
   config = load_config(ROOT / 'configs/tiny.py')
   sd = synthetic_torchvision_state_dict(_resnet18_names_and_shapes(), seed=3)
   path = tmp_path / 'resnet18.npz'
   np.savez(path, **sd)
   config.init.torchvision_backbone = str(path)
-  from maskrcnn_jax.configs import validate_config  # pylint: disable=g-import-not-at-top
   validate_config(config)
   model = build_model(config.model)
-  fresh = jax.device_get(init_variables(model, jax.random.key(0), 64, 64))
-  loaded = load_pretrained(fresh, config.model, backbone_path=str(path))
+  fresh = jax.device_get(init_variables(model, jax.random.key(0), (64, 64)))
+  loaded = load_pretrained(fresh, backbone_path=str(path), depth=18, finetune_bn=False,
+                           pooler_size=config.model.roi.pooler_size,
+                           min_level=config.model.min_level)
   # torchvision conv (O, I, kh, kw) -> flax (kh, kw, I, O); the rest of the model is untouched.
   np.testing.assert_array_equal(loaded['params']['backbone']['conv1']['kernel'],
                                 np.transpose(sd['conv1.weight'], (2, 3, 1, 0)))

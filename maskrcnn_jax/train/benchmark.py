@@ -1,0 +1,300 @@
+"""Throughput of the train and inference steps, timed as the reference's benchmark scripts do
+(``num_steps`` steps, the first ``warmup_steps`` left out, images/s averaged over the rest).
+
+`TrainRunner` / `InferenceRunner` run `experiment.build_experiment`'s pmapped steps on synthetic
+batches (no TensorFlow; on the devices before timing) or the prepared dataset (prefetched);
+`benchmark_training` / `benchmark_inference` time them in windows alternated with any
+``extra_runners`` (torchvision's, in ``bench/``) so that a change of machine load hits each, and
+return the result record (`RESULT_KEYS`). The config is timed as given (batch, canvas, precision).
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import os
+import platform
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from maskrcnn_jax.data import spec
+from maskrcnn_jax.data import synthetic
+from maskrcnn_jax.train import experiment
+from maskrcnn_jax.train import step as step_lib
+
+# Dense peak TFLOP/s per device (NVIDIA's data sheets; float32 is the TF32 figure, XLA's default on
+# Ampere and later), matched by substring of ``device.device_kind``, first match first;
+# config.benchmark.peak_tflops overrides it.
+PEAK_TFLOPS = (
+    ('H200', {'bfloat16': 989.0, 'float16': 989.0, 'float32': 495.0}),
+    ('H100', {'bfloat16': 989.0, 'float16': 989.0, 'float32': 495.0}),
+    ('A100', {'bfloat16': 312.0, 'float16': 312.0, 'float32': 156.0}),
+    ('V100', {'bfloat16': None, 'float16': 125.0, 'float32': 15.7}),
+)
+# Keys of every result; ``baselines``: {name: figures} of the extra runners (torchvision's).
+RESULT_KEYS = ('benchmark', 'framework', 'date', 'host', 'load_average', 'jax_version', 'backend',
+               'device_kind', 'num_devices', 'per_device_batch_size', 'global_batch_size',
+               'image_size', 'precision', 'data', 'num_steps', 'warmup_steps', 'timed_steps',
+               'compile_s', 'init_s', 'images_per_sec', 'step_time_ms', 'flops_per_image',
+               'peak_tflops_per_device', 'mfu', 'memory', 'profile', 'baselines')
+INFERENCE_KEYS = ('latency_ms',)
+
+
+def peak_tflops_for(device_kind: str, precision: str) -> float | None:
+  """Dense peak TFLOP/s of one device of this kind at this precision, or None if unknown."""
+  tables = [t for name, t in PEAK_TFLOPS if name.lower() in device_kind.lower()]
+  return tables[0].get(precision) if tables else None
+
+
+def config_settings(config) -> dict[str, Any]:
+  """The drivers' keyword arguments that ``config.benchmark`` holds (0 = default)."""
+  b = config.benchmark
+  return dict(num_steps=int(b.num_steps), warmup_steps=int(b.warmup_steps), data=str(b.data),
+              num_devices=int(b.num_devices) or None, peak_tflops=float(b.peak_tflops) or None)
+
+
+def host_batches(config, batch_size: int, data: str, train: bool, seed: int) -> Iterator[dict]:
+  """Endless host batches (`spec.batch_spec`): synthetic, or the config's real split."""
+  d = config.data
+  if data == 'synthetic':
+    return synthetic.synthetic_batches(batch_size, tuple(d.image_size), int(d.max_instances),
+                                       int(d.gt_mask_size), int(config.model.num_classes), seed)
+  if data != 'real':
+    raise ValueError(f"data must be 'synthetic' or 'real', not {data!r}")
+  return (experiment.build_train_iterator(config, batch_size, seed=seed) if train else
+          itertools.chain.from_iterable(  # the evaluation split again and again
+              experiment.build_eval_iterator(config, batch_size) for _ in itertools.count()))
+
+
+# ------------------------------------------------------------------------------ runners
+class Runner:
+  """Something timed in windows: ``step(i)`` starts step i and returns something to wait on."""
+  name = ''
+  images_per_step = 0
+
+  def step(self, i: int):
+    raise NotImplementedError
+
+  def wait(self, out) -> None:
+    del out
+
+  def window(self, num_steps: int, start: int = 0) -> float:
+    """Seconds for ``num_steps`` steps from step ``start``, waiting at the end only."""
+    t0, out = time.perf_counter(), None
+    for i in range(num_steps):
+      out = self.step(start + i)
+    self.wait(out)
+    return time.perf_counter() - t0
+
+  def latencies(self, num_steps: int, start: int = 0) -> list[float]:
+    """Seconds of each of ``num_steps`` steps, each waited for."""
+    return [self.window(1, start + i) for i in range(num_steps)]
+
+  def describe(self) -> dict[str, Any]:  # extra facts for the result (versions, threads)
+    return {}
+
+
+class _ExperimentRunner(Runner):
+  """An experiment's pmapped step (``train``: the train step, else inference), initialised, its
+  batches on the devices (synthetic: a ``ring`` of distinct ones), compiled."""
+  name = 'maskrcnn_jax'
+  train = True
+  metrics = None
+
+  def __init__(self, exp: experiment.Experiment, data: str = 'synthetic', seed: int = 0,
+               ring: int = 2):
+    cfg, train = exp.config, self.train
+    self.per_device_batch_size = int((cfg.train if train else cfg.eval).per_device_batch_size)
+    self.images_per_step = self.per_device_batch_size * exp.num_devices
+    t0 = time.perf_counter()
+    variables = exp.initial_variables()
+    self.args = step_lib.replicate(exp.create_state(variables) if train else variables,
+                                   exp.devices)
+    jax.block_until_ready(self.args)
+    self.init_s = time.perf_counter() - t0
+    host = host_batches(cfg, self.images_per_step, data, train, seed)
+    self.first_host_batch = next(host)  # for another framework's runner (bench/)
+    host = itertools.chain([self.first_host_batch], host)
+    keys = spec.TRAIN_KEYS if train else spec.INFER_KEYS
+    if data == 'synthetic':
+      ring_batches = list(step_lib.device_batches(itertools.islice(host, ring), keys,
+                                                  exp.devices))
+      self.batch_at = lambda i: ring_batches[i % len(ring_batches)]
+    else:
+      it = step_lib.device_batches(host, keys, exp.devices)
+      self.batch_at = lambda i: next(it)
+    t0 = time.perf_counter()
+    fn = exp.train_step if train else exp.infer_step
+    self.compiled = fn.lower(self.args, self.batch_at(0)).compile()
+    self.compile_s = time.perf_counter() - t0
+
+  def step(self, i):
+    if not self.train:
+      return self.compiled(self.args, self.batch_at(i))
+    self.args, self.metrics = self.compiled(self.args, self.batch_at(i))  # the state donated
+    return self.args.step
+
+  def wait(self, out):
+    jax.block_until_ready(out)
+
+  def last_loss(self) -> float | None:
+    """Training: the total loss of the last step (device 0's copy, already reduced)."""
+    if self.metrics is None:
+      return None
+    m = jax.tree_util.tree_map(lambda x: x[0], self.metrics).compute()
+    return float(jax.device_get(m['total_loss']))
+
+
+class TrainRunner(_ExperimentRunner):
+  """The experiment's train step, the state replaced every step."""
+
+
+class InferenceRunner(_ExperimentRunner):
+  """The experiment's inference step on fixed initial variables."""
+  train = False
+
+
+# ------------------------------------------------------------------------------ drivers
+def _interleaved(runners: Sequence[Runner], warmup_steps: int, timed_steps: int,
+                 rounds: int) -> list[float]:
+  """Warm-up of every runner, then ``rounds`` windows each in turn (ours, theirs, ours, ...);
+  returns the total timed seconds of each runner."""
+  for r in runners:
+    r.window(warmup_steps, 0)
+  rounds = max(1, min(rounds, timed_steps))
+  totals, done = [0.0] * len(runners), warmup_steps
+  for i in range(rounds):
+    size = timed_steps // rounds + (1 if i < timed_steps % rounds else 0)
+    totals = [t + r.window(size, done) for t, r in zip(totals, runners)]
+    done += size
+  return totals
+
+
+def _benchmark(train: bool, config, *, num_steps: int, warmup_steps: int, devices=None,
+               num_devices: int | None = None, data: str = 'synthetic',
+               peak_tflops: float | None = None, seed: int = 0,
+               latency_steps: int | None = None,
+               extra_runners: Sequence[Callable[[Runner], Runner]] = (), rounds: int = 1,
+               profile: Callable[[Runner, int], Any] | None = None) -> dict[str, Any]:
+  """Throughput of ``num_steps`` train (or inference) steps, the first ``warmup_steps`` left
+  out: the result (`RESULT_KEYS`; `INFERENCE_KEYS` or final_loss). devices: those to pmap over,
+  or the first ``num_devices`` (None: all). data: 'synthetic' (seeded by ``seed``) or 'real'.
+  peak_tflops: for the MFU (None: `PEAK_TFLOPS`). latency_steps: batches of the inference latency
+  pass (default: as many as were timed). extra_runners: ``make(ours) -> Runner`` (ours built
+  first: its ``first_host_batch`` can feed another framework), timed in ``rounds`` windows
+  alternated with ours, in ``result['baselines'][name]``. profile: ``profile(ours, next_step)``,
+  called last (bench/profiles.py traces steps), is ``result['profile']``."""
+  if not 0 <= warmup_steps < num_steps:
+    raise ValueError(f'need 0 <= warmup_steps < num_steps, got {warmup_steps}, {num_steps}')
+  if devices is None:
+    devices = jax.local_devices()[:num_devices or None]
+    if num_devices and len(devices) < num_devices:
+      raise ValueError(f'num_devices={num_devices} but only {len(devices)} local devices')
+  exp = experiment.build_experiment(config, devices)
+  ours = (TrainRunner if train else InferenceRunner)(exp, data, seed)
+  others = [make(ours) for make in extra_runners]
+  timed = num_steps - warmup_steps
+  totals = _interleaved([ours] + others, warmup_steps, timed, rounds)
+  b, ips = ours.per_device_batch_size, ours.images_per_step * timed / totals[0]
+  flops = _flops(ours.compiled)
+  flops = flops / b if flops else None
+  peak = peak_tflops or peak_tflops_for(devices[0].device_kind, config.model.precision)
+  result = {
+      'benchmark': 'training' if train else 'inference', 'framework': ours.name,
+      'date': datetime.datetime.now().isoformat(timespec='seconds'),
+      'host': platform.node(), 'cpu': platform.processor() or platform.machine(),
+      'cpu_count': os.cpu_count(), 'load_average': [round(x, 2) for x in os.getloadavg()],
+      'jax_version': jax.__version__, 'backend': jax.default_backend(),
+      'device_kind': devices[0].device_kind, 'num_devices': len(devices),
+      'per_device_batch_size': b, 'global_batch_size': b * len(devices),
+      'image_size': list(config.data.image_size), 'precision': config.model.precision,
+      'data': data, 'num_steps': num_steps, 'warmup_steps': warmup_steps, 'timed_steps': timed,
+      'compile_s': ours.compile_s, 'init_s': ours.init_s, 'images_per_sec': ips,
+      'step_time_ms': 1e3 * totals[0] / timed, 'flops_per_image': flops,
+      'peak_tflops_per_device': peak, 'profile': None,
+      'mfu': flops * ips / len(devices) / (peak * 1e12) if peak and flops else None,
+      'baselines': {}, 'memory': {  # of the first device; None where not reported (CPU)
+          k: int(v) for k, v in (devices[0].memory_stats() or {}).items() if k in (
+              'bytes_in_use', 'peak_bytes_in_use', 'bytes_limit', 'largest_alloc_size')} or None}
+  for other, seconds in zip(others, totals[1:]):
+    other_ips = other.images_per_step * timed / seconds
+    result['baselines'][other.name] = {
+        'images_per_sec': other_ips, 'step_time_ms': 1e3 * seconds / timed,
+        'ratio_ours_over_baseline': ips / other_ips, **other.describe()}
+  end = num_steps
+  if train:
+    result['final_loss'] = ours.last_loss()
+  else:
+    n = timed if latency_steps is None else latency_steps
+    result['latency_ms'] = _percentiles(ours.latencies(n, end)) if n > 0 else None
+    for other in others if n > 0 else ():
+      result['baselines'][other.name]['latency_ms'] = _percentiles(other.latencies(n, end))
+    end += n
+  if profile is not None:
+    result['profile'] = profile(ours, end)
+  return result
+
+
+def benchmark_training(config, *, num_steps=200, warmup_steps=100, **kwargs) -> dict[str, Any]:
+  """Training throughput (the reference's 200 steps, 100 of warm-up); arguments: `_benchmark`."""
+  return _benchmark(True, config, num_steps=num_steps, warmup_steps=warmup_steps, **kwargs)
+
+
+def benchmark_inference(config, *, num_steps=160, warmup_steps=10, **kwargs) -> dict[str, Any]:
+  """Inference throughput and latency (arguments: `_benchmark`); the reference's 1200-image
+  run is ``num_steps = 1200 / global batch`` plus the warm-up."""
+  return _benchmark(False, config, num_steps=num_steps, warmup_steps=warmup_steps, **kwargs)
+
+
+def run_config_benchmark(config) -> dict[str, Any]:
+  """``--config.mode=benchmark_train|benchmark_inference``: the benchmark of config.benchmark
+  (our steps only: torchvision side by side is ``bench/``'s)."""
+  fn = benchmark_training if config.mode == 'benchmark_train' else benchmark_inference
+  return fn(config, **config_settings(config))
+
+
+# ------------------------------------------------------------------------------ the record
+def _flops(compiled) -> float | None:
+  """FLOPs of one run of the per-device program (XLA's cost analysis; a lower bound: each
+  while-loop body, e.g. an NMS round, counts once)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    return None
+  cost = (cost[0] if cost else None) if isinstance(cost, (list, tuple)) else cost
+  return float(cost['flops']) if cost and 'flops' in cost else None
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+  ms = np.asarray(seconds) * 1e3
+  out = {f'p{q}': float(np.percentile(ms, q)) for q in (50, 90, 95, 99)}
+  return {**out, 'mean': float(ms.mean()), 'count': int(ms.size)}
+
+
+def write_json(result: dict[str, Any], path: str) -> None:
+  """Writes ``result`` as indented JSON (directories created)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(result, f, indent=2, sort_keys=True, default=float)
+    f.write('\n')
+
+
+def summary_line(result: dict[str, Any]) -> str:
+  """One human-readable line of a result."""
+  r, lat = result, result.get('latency_ms')
+  pct = '/'.join(f'{lat[k]:.0f}' for k in ('p50', 'p90', 'p95', 'p99')) if lat else ''
+  parts = [f"{r['benchmark']}: {r['images_per_sec']:.3f} img/s", f"step {r['step_time_ms']:.1f} ms",
+           f"batch {r['per_device_batch_size']}x{r['num_devices']} {r['device_kind']}",
+           f"{r['image_size'][0]}x{r['image_size'][1]} {r['precision']}",
+           f"compile {r['compile_s']:.1f} s",
+           f"{r['flops_per_image'] / 1e9:.1f} GFLOP/img" if r.get('flops_per_image') else '',
+           f"MFU {100 * r['mfu']:.1f}%" if r.get('mfu') is not None else '',
+           f'latency p50/p90/p95/p99 {pct} ms' if lat else '']
+  parts += [f"{name} {b['images_per_sec']:.3f} img/s" + (f" ({b['threads']} threads)" if
+                                                         'threads' in b else '')
+            + f", ratio {b['ratio_ours_over_baseline']:.2f}x" for name, b in r['baselines'].items()]
+  return ', '.join([p for p in parts if p] + [f"load {r['load_average']}"])
