@@ -254,9 +254,13 @@ MODES = {
     'train_and_eval': Mode(lambda c, w: train(c, w, evaluate_every=True).eval_metrics,
                            lambda c: (c.data.train_split, c.data.eval_split)),
     # Throughput on synthetic data (no TensorFlow) unless config.benchmark.data = 'real'.
-    'benchmark_train': Mode(_benchmark, lambda c: ()),
-    'benchmark_inference': Mode(_benchmark, lambda c: ()),
+    'benchmark_train': Mode(_benchmark, lambda c: _real(c, c.data.train_split)),
+    'benchmark_inference': Mode(_benchmark, lambda c: _real(c, c.data.eval_split)),
 }
+
+
+def _real(config, split: str) -> tuple[str, ...]:
+  return (split,) if config.benchmark.data == 'real' else ()
 
 
 def check_mode(config) -> Mode:
@@ -272,7 +276,5 @@ def run(config, workdir: str):
   mode = check_mode(config)
   if mode.needs_checkpoint:
     _check_has_checkpoint(config, workdir)
-  if config.mode.startswith('benchmark_') and config.benchmark.data != 'real':
-    return mode.run(config, workdir)
   check_datasets(config, mode.splits(config))
   return mode.run(config, workdir)
