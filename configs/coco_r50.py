@@ -117,6 +117,13 @@ def get_config(arg=None):
   mask.num_convs = 4
   mask.conv_dim = 256
   mask.loss_weight = 1.0
+  # Init of the mask predictor's 1x1 logits conv: 0 = MSRA fill (He normal, fan-out: std
+  # sqrt(2 / num_classes)), as the reference's mask_fcn_logits and torchvision's
+  # MaskRCNNPredictor; > 0 = normal(std), Detectron / detectron2's 0.001.
+  mask.predictor_init_std = 0.0
+  # Mask targets thresholded at 0.5 (the reference's get_mask_targets) or left as the bilinear
+  # fractions in [0, 1] (torchvision's project_masks_on_boxes: soft targets of the BCE).
+  mask.binarize_targets = True
 
   test = model.test = ml_collections.ConfigDict()
   test.detections_per_image = 100

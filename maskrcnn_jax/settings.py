@@ -233,6 +233,8 @@ class MaskSettings:
   num_convs: int = setting(integer(0))
   conv_dim: int = setting(integer(1))
   loss_weight: float = setting(NONNEGATIVE)
+  predictor_init_std: float = setting(NONNEGATIVE)  # 0 = MSRA fill (the reference)
+  binarize_targets: bool = setting(boolean)  # >= 0.5 (the reference) or soft (torchvision)
 
   def relations(self):
     yield ('resolution', self.resolution == 2 * self.pooler_size,

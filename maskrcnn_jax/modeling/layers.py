@@ -67,9 +67,14 @@ def batch_norm(name: str, frozen: bool, train: bool, epsilon: float, dtype: Dtyp
                       dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+# He normal with fan-out (Caffe2's MSRAFill, torchvision's kaiming_normal_(mode='fan_out')):
+# std sqrt(2 / (kh * kw * out_channels)), untruncated.
+MSRA_FILL = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
 def conv(features: int, kernel: int, stride: int = 1, use_bias: bool = False,
          dtype: Dtype = jnp.float32, name: str | None = None,
-         kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')) -> nn.Conv:
+         kernel_init=MSRA_FILL) -> nn.Conv:
   """A k x k convolution with torchvision's symmetric padding ``k // 2`` on every side.
 
   Kernel (k, k, C_in, features) float32; default init He-normal (fan-out), as torchvision's
@@ -95,7 +100,7 @@ class Deconv2x2(nn.Module):
   features: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  kernel_init: Any = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+  kernel_init: Any = MSRA_FILL
 
   @nn.compact
   def __call__(self, x):

@@ -141,7 +141,8 @@ class MaskRCNN(nn.Module):
     self.box_head = BoxHead(num_classes=self.num_classes, mlp_dim=self.roi.mlp_head_dim,
                             dtype=self.dtype)
     self.mask_head = MaskHead(num_classes=self.num_classes, num_convs=self.mask.num_convs,
-                              conv_dim=self.mask.conv_dim, dtype=self.dtype)
+                              conv_dim=self.mask.conv_dim,
+                              predictor_init_std=self.mask.predictor_init_std, dtype=self.dtype)
 
   # ------------------------------------------------------------------ pieces
   def features(self, images, train: bool = False) -> dict[str, jnp.ndarray]:
@@ -274,7 +275,8 @@ class MaskRCNN(nn.Module):
     num_fg = targets.num_mask_rois(roi.batch_size_per_image, roi.fg_fraction)
     fg = jax.tree_util.tree_map(lambda x: x[:, :num_fg], rois)  # the foreground slots
     mask_targets = jax.vmap(functools.partial(
-        targets.mask_targets, resolution=self.mask.resolution))(gt, fg.rois, fg.matched)
+        targets.mask_targets, resolution=self.mask.resolution,
+        binarize=self.mask.binarize_targets))(gt, fg.rois, fg.matched)
 
     # Heads.
     class_logits, box_deltas = self.box_head(self._pool(features, rois.rois, roi.pooler_size))

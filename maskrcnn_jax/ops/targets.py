@@ -115,14 +115,17 @@ def num_mask_rois(batch_size_per_image: int, fg_fraction: float) -> int:
   return int(batch_size_per_image * fg_fraction)
 
 
-def mask_targets(gt: GroundTruth, rois, matched, *, resolution: int) -> jnp.ndarray:
+def mask_targets(gt: GroundTruth, rois, matched, *, resolution: int,
+                 binarize: bool = True) -> jnp.ndarray:
   """(R, resolution, resolution) float32 targets in [0, 1] of RoIs of one image.
 
   Args:
     gt: the image's `GroundTruth`; its masks are the stored uint8 crops (`MASK_PADDING` margin).
     rois: (R, 4) float32 xyxy; matched: (R,) int32 ground-truth index of each RoI.
     resolution: M, the mask head's output size.
+    binarize: threshold at 0.5 (the reference) or keep the bilinear fractions (torchvision).
   """
   masks = jnp.asarray(gt.masks, jnp.float32) / 255.0
   return mask_ops.mask_targets(masks, gt.boxes, rois, matched, output_size=resolution,
-                               gt_mask_size=gt.mask_size, margin=MASK_PADDING)
+                               gt_mask_size=gt.mask_size, margin=MASK_PADDING,
+                               binarize=binarize)

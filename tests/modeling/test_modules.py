@@ -11,7 +11,7 @@ from maskrcnn_jax.configs import load_config
 from maskrcnn_jax.modeling import (ResNet, build_model, frozen_param_mask,
                                    init_variables, normalize_images)
 from maskrcnn_jax.modeling.fpn import FPN
-from maskrcnn_jax.modeling.heads import RPNHead
+from maskrcnn_jax.modeling.heads import MaskHead, RPNHead
 from maskrcnn_jax.modeling.layers import Deconv2x2, FrozenBatchNorm, upsample_nearest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -126,3 +126,17 @@ def test_finetune_bn_updates_only_unfrozen_statistics():
     jax.tree_util.tree_map(np.testing.assert_array_equal, before[name], after[name])
   assert not np.allclose(before['layer2']['block0']['bn1']['mean'],
                          after['layer2']['block0']['bn1']['mean'])
+
+
+@pytest.mark.parametrize('std', [0.0, 0.001])
+def test_mask_predictor_init(std):
+  """The mask logits conv starts as the reference's mask_fcn_logits (MSRA fill: normal with std
+  sqrt(2 / (1 * 1 * num_classes))) unless a std is configured (Detectron's 0.001)."""
+  head = MaskHead(num_classes=91, num_convs=1, conv_dim=64, predictor_init_std=std)
+  v = head.init(jax.random.key(0), jnp.zeros((1, 2, 7, 7, 16)))
+  kernel = np.asarray(v['params']['mask_logits']['kernel'])
+  assert kernel.shape == (1, 1, 64, 91)
+  expected = std if std > 0 else np.sqrt(2.0 / 91)
+  np.testing.assert_allclose(kernel.std(), expected, rtol=0.05)
+  assert abs(kernel.mean()) < 0.05 * expected
+  assert not np.asarray(v['params']['mask_logits']['bias']).any()
