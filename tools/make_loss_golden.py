@@ -5,7 +5,10 @@ The golden guards the composed recipe (anchor labelling, proposal selection, RoI
 ground truth appended, foreground-first mask slots, the per-level RPN normalisation, the loss
 weights): a change in any step moves a term or a counter. It was first written by the code
 before the architecture refactor (commit 1ae38e2, the recipe inside ``MaskRCNN.losses``) and
-reproduced bit for bit after it. Run from the repository root:
+reproduced bit for bit after it. It was rewritten once, when the mask predictor's init became the
+reference's MSRA fill (``model.mask.predictor_init_std = 0``): with the former normal(0.001)
+(``predictor_init_std = 0.001``) this script still gives the previous values exactly, so that
+change moved nothing else. Run from the repository root:
 
   .venv/bin/python tools/make_loss_golden.py [--data_dir DIR]
 

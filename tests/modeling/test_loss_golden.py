@@ -2,7 +2,8 @@
 
 configs/tiny.py on the first coco_sample training batch with fixed seeds: the six loss terms and
 the two counters. The golden was made by the recipe before the architecture refactor and is
-reproduced bit for bit on the machine that made it; the tolerance allows for another CPU's
+reproduced bit for bit on the machine that made it (rewritten once, for the reference's mask
+predictor init: see the script); the tolerance allows for another CPU's
 float rounding only. A change of the sampling order, of ground truth as proposals, of the mask
 slots or of a normalisation moves a counter or a term by far more.
 """

@@ -123,3 +123,22 @@ def test_non_rectangular_object():
   for roi in (box, (20, 30, 52, 70), (35, 40, 75, 56)):
     ours, value, near = _check(disk, box, roi)
     assert near.sum() < 0.3 * M * M
+
+
+def test_soft_targets_are_the_fractions_that_the_threshold_binarises():
+  """model.mask.binarize_targets=False (torchvision's soft targets): the same resampling without
+  the 0.5 threshold; thresholding them gives the reference's targets."""
+  yy, xx = np.mgrid[:H, :W]
+  disk = (((yy + 0.5 - 48) ** 2 + (xx + 0.5 - 40) ** 2) <= 15 ** 2).astype(np.uint8)
+  ys, xs = np.nonzero(disk)
+  box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+  gt = GroundTruth(boxes=jnp.asarray([box], jnp.float32), classes=jnp.ones((1,), jnp.int32),
+                   masks=jnp.asarray(_stored(disk, box)[None]), valid=jnp.ones((1,), bool),
+                   is_crowd=jnp.zeros((1,), bool))
+  rois = jnp.asarray([box, (20, 30, 52, 70)], jnp.float32)
+  matched = jnp.zeros((2,), jnp.int32)
+  soft = np.asarray(targets.mask_targets(gt, rois, matched, resolution=M, binarize=False))
+  hard = np.asarray(targets.mask_targets(gt, rois, matched, resolution=M))
+  assert soft.min() >= 0.0 and soft.max() <= 1.0 + 1e-6
+  assert ((soft > 0.0) & (soft < 1.0)).any()  # fractions along the boundary
+  np.testing.assert_array_equal(hard, (soft >= 0.5).astype(np.float32))
