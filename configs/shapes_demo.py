@@ -12,8 +12,10 @@ training, evaluation). The command (what `make demo` runs after generating and p
 data; see the Makefile):
   python -m maskrcnn_jax.main --config=configs/shapes_demo.py --workdir=/tmp/shapes_demo/work \
     --config.data.tfds_data_dir=/tmp/shapes_demo/tfds
-Measured (2026-11-28, 2 quiet CPU cores): box AP 0.641, mask AP 0.628 on the 200 validation
-images, 9.3 min end to end (16.4 min with the machine shared at load 5-7); README.md has the table.
+Measured (2026-12-01, 2 CPU cores, the mask predictor initialised as the reference's): box AP
+0.625, mask AP 0.605 on the 200 validation images (258 s end to end at load 2 just before the
+init change, which leaves the work unchanged; 17 min
+at load 5-7); README.md has the table and the earlier figures.
 """
 
 import pathlib
