@@ -11,6 +11,7 @@ before anything heavy is loaded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterator
 
 import ml_collections
@@ -100,6 +101,11 @@ def setting(check: Check):
   return dataclasses.field(metadata={'check': check})
 
 
+def subsection(cls):
+  """A settings field holding the settings dataclass ``cls`` of a nested config section."""
+  return dataclasses.field(metadata={'section': cls})
+
+
 def read_key(config, key: str, check: Check, prefix: str = '') -> Any:
   """The checked value at the dotted ``key`` of ``config``; errors name ``prefix.key``."""
   name = f'{prefix}.{key}' if prefix else key
@@ -122,21 +128,29 @@ def require(condition: bool, key: str, value: Any, requirement: str) -> None:
 def from_config(cls, section, prefix: str, strict: bool = True):
   """An instance of the settings dataclass ``cls`` from its config ``section``.
 
-  Every field is read from the key of its name and checked; ``strict``: a key of the section
-  that no field reads is an error too (a typo or a leftover). The class's ``relations()``
-  (optional) yields ``(field, ok, requirement)`` for checks across its fields.
+  Every field is read from the key of its name and checked (a `subsection` field from its
+  nested section, recursively); ``strict``: a key of the section that no field reads is an error
+  too (a typo or a leftover). The class's ``relations()`` (optional) yields ``(field, ok,
+  requirement)`` for checks across its fields; ``field`` may be dotted (``'roi.canonical_level'``).
   """
   if section is None:
     raise ConfigError(f'config key {prefix!r} is missing')
   fields = dataclasses.fields(cls)
-  values = {f.name: read_key(section, f.name, f.metadata['check'], prefix) for f in fields}
+  values = {}
+  for f in fields:
+    if 'section' in f.metadata:
+      values[f.name] = from_config(f.metadata['section'], section.get(f.name),
+                                   f'{prefix}.{f.name}')
+    else:
+      values[f.name] = read_key(section, f.name, f.metadata['check'], prefix)
   if strict:
     unused = sorted(set(section.keys()) - {f.name for f in fields})
     if unused:
       raise ConfigError(f'config key {prefix}.{unused[0]!r} is not read by anything: remove it')
   obj = cls(**values)
   for name, ok, requirement in getattr(obj, 'relations', lambda: ())():
-    require(ok, f'{prefix}.{name}', getattr(obj, name), requirement)
+    value = functools.reduce(getattr, name.split('.'), obj)
+    require(ok, f'{prefix}.{name}', value, requirement)
   return obj
 
 
@@ -252,10 +266,6 @@ class TestSettings:
   min_box_size: float = setting(NONNEGATIVE)
 
 
-SECTIONS = {'backbone': BackboneSettings, 'anchors': AnchorSettings, 'rpn': RPNSettings,
-            'roi': RoISettings, 'mask': MaskSettings, 'test': TestSettings}
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
   """``config.model``: its scalars and one settings object per section (`SECTIONS`)."""
@@ -264,30 +274,29 @@ class ModelSettings:
   min_level: int = setting(integer(2, 5))
   max_level: int = setting(integer(5, 7))
   fpn_channels: int = setting(integer(1))
-  backbone: BackboneSettings = None
-  anchors: AnchorSettings = None
-  rpn: RPNSettings = None
-  roi: RoISettings = None
-  mask: MaskSettings = None
-  test: TestSettings = None
+  backbone: BackboneSettings = subsection(BackboneSettings)
+  anchors: AnchorSettings = subsection(AnchorSettings)
+  rpn: RPNSettings = subsection(RPNSettings)
+  roi: RoISettings = subsection(RoISettings)
+  mask: MaskSettings = subsection(MaskSettings)
+  test: TestSettings = subsection(TestSettings)
+
+  def relations(self):
+    yield ('min_level', self.min_level < self.max_level, 'must be < model.max_level')
+    yield ('roi.canonical_level', self.min_level <= self.roi.canonical_level <= self.max_level,
+           'must be in [model.min_level, model.max_level]')
+    if self.anchors.convention == 'torchvision':
+      yield ('anchors.sizes', len(self.anchors.sizes) == self.max_level - self.min_level + 1,
+             'must have one size per level (model.min_level..max_level)')
 
   @classmethod
   def from_config(cls, model_config) -> 'ModelSettings':
-    scalars = [f for f in dataclasses.fields(cls) if f.name not in SECTIONS]
-    values = {f.name: read_key(model_config, f.name, f.metadata['check'], 'model') for f in scalars}
-    for name, section_cls in SECTIONS.items():
-      values[name] = from_config(section_cls, model_config.get(name), f'model.{name}')
-    unused = sorted(set(model_config.keys()) - {f.name for f in dataclasses.fields(cls)})
-    if unused:
-      raise ConfigError(f'config key model.{unused[0]!r} is not read by anything: remove it')
-    s = cls(**values)
-    require(s.min_level < s.max_level, 'model.min_level', s.min_level, 'must be < model.max_level')
-    require(s.min_level <= s.roi.canonical_level <= s.max_level, 'model.roi.canonical_level',
-            s.roi.canonical_level, 'must be in [model.min_level, model.max_level]')
-    if s.anchors.convention == 'torchvision':
-      require(len(s.anchors.sizes) == s.max_level - s.min_level + 1, 'model.anchors.sizes',
-              s.anchors.sizes, 'must have one size per level (model.min_level..max_level)')
-    return s
+    return from_config(cls, model_config, 'model')
+
+
+# config.model's sections: name -> settings class.
+SECTIONS = {f.name: f.metadata['section'] for f in dataclasses.fields(ModelSettings)
+            if 'section' in f.metadata}
 
 
 # ------------------------------------------------------------------------------ input pipeline
@@ -319,7 +328,8 @@ def _increasing_steps(v):
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings:
-  """The optimizer's part of ``config.train`` (:func:`maskrcnn_jax.train.optimizer.make_optimizer`)."""
+  """The optimizer's part of ``config.train``
+  (:func:`maskrcnn_jax.train.optimizer.make_optimizer`)."""
   learning_rate: float = setting(POSITIVE)
   warmup_steps: int = setting(integer(0))
   warmup_learning_rate: float = setting(NONNEGATIVE)
