@@ -31,7 +31,8 @@ def load_config(path: str | pathlib.Path, arg: str | None = None) -> ml_collecti
 
 def import_config_module(path: str | pathlib.Path):
   """The config file at ``path`` as a module: how an overlay imports its base config without
-  editing ``sys.path`` (``base = import_config_module(pathlib.Path(__file__).parent / 'coco_r50.py')``)."""
+  editing ``sys.path``:
+  ``base = import_config_module(pathlib.Path(__file__).parent / 'coco_r50.py')``."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise ConfigError(f'config file not found: {path}')

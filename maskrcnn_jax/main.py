@@ -4,7 +4,8 @@
     [--config.mode=train|eval|train_and_eval] [--config.train.per_device_batch_size=4 ...]
 
 Throughput benchmarks on synthetic data (the reference's benchmark scripts; see
-maskrcnn_jax/train/benchmark.py, config.benchmark and bench/ for the side-by-side tools): ``--config.mode=benchmark_train`` or
+maskrcnn_jax/train/benchmark.py, config.benchmark and bench/ for the side-by-side tools):
+``--config.mode=benchmark_train`` or
 ``benchmark_inference`` with e.g. ``--config.benchmark.num_steps=200``; the result is written to
 ``<workdir>/<mode>.json``.
 

@@ -1,9 +1,10 @@
 """Inference over the evaluation split and COCO metrics of one set of model variables.
 
 `evaluate_split` runs the pmapped inference step over the evaluation batches (each host its
-share, `maskrcnn_jax.data.pipeline.eval_iterator`), gathers the detections on the first process, converts them to COCO results
-(`coco.detections_to_results`), writes ``<workdir>/coco_results_step<step>.json`` and returns the
-pycocotools metrics (also appended to ``<workdir>/eval_metrics.jsonl``).
+share, `maskrcnn_jax.data.pipeline.eval_iterator`), gathers the detections on the first process,
+converts them to COCO results (`coco.detections_to_results`), writes
+``<workdir>/coco_results_step<step>.json`` and returns the pycocotools metrics (also appended
+to ``<workdir>/eval_metrics.jsonl``).
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ def detections_from_boxes(proposals, proposal_valid, class_logits, box_deltas, i
   scores = scores[:, 1:].reshape(-1)
   classes = jnp.tile(jnp.arange(1, num_classes, dtype=jnp.int32), proposals.shape[0])
   ok = jnp.repeat(proposal_valid, num_classes - 1) & (scores > score_threshold)
-  ok &= ((boxes[:, 2] - boxes[:, 0]) >= min_box_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_box_size)
+  ok &= (((boxes[:, 2] - boxes[:, 0]) >= min_box_size)
+         & ((boxes[:, 3] - boxes[:, 1]) >= min_box_size))
   k = min(pre_nms_topk, scores.shape[0])
   top_scores, top_idx = lax.top_k(jnp.where(ok, scores, -jnp.inf), k)
   cand_boxes, cand_classes, cand_ok = boxes[top_idx], classes[top_idx], ok[top_idx]

@@ -1,8 +1,8 @@
 """Training targets of Mask R-CNN, per image: RPN anchor labels, sampled RoIs, mask targets.
 
 Pure functions of one image's arrays (the model vmaps them over the batch), each a named step of
-the recipe, as detectron2's ``RPN.label_and_sample_anchors`` / ``ROIHeads.label_and_sample_proposals``
-and TF Model Garden's ``roi_sampler`` / ``mask_sampler``:
+the recipe, as detectron2's ``RPN.label_and_sample_anchors`` /
+``ROIHeads.label_and_sample_proposals`` and TF Model Garden's ``roi_sampler`` / ``mask_sampler``:
 
 * :func:`rpn_targets`: anchors labelled by IoU with the ground truth (positive >= 0.7, negative
   < 0.3, plus each ground truth's best anchors; crowd and padded ground truth never positive),

@@ -166,10 +166,12 @@ def test_training_is_deterministic_and_resumes_exactly(sample_data_dir, sample_s
 
 def test_hosts_share_the_global_batch(sample_data_dir, sample_source):
   config = _config(sample_data_dir, image_size=(128, 192), gt_mask_size=8, max_instances=20)
-  single = next(experiment.build_train_iterator(config, 4, 1, seed=3, process_index=0, process_count=1,
-                                        num_workers=1, source=sample_source))
-  hosts = [next(experiment.build_train_iterator(config, 2, 1, seed=3, process_index=p, process_count=2,
-                                        num_workers=1, source=sample_source)) for p in (0, 1)]
+  single = next(experiment.build_train_iterator(config, 4, 1, seed=3, process_index=0,
+                                                process_count=1, num_workers=1,
+                                                source=sample_source))
+  hosts = [next(experiment.build_train_iterator(config, 2, 1, seed=3, process_index=p,
+                                                process_count=2, num_workers=1,
+                                                source=sample_source)) for p in (0, 1)]
   for key in single:
     np.testing.assert_array_equal(np.concatenate([h[key] for h in hosts]), single[key])
 
