@@ -37,8 +37,6 @@ coordinates round differently from the original ones.
 
 from __future__ import annotations
 
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
