@@ -80,6 +80,7 @@ def get_config(arg=None):
   rpn.positive_overlap = 0.7
   rpn.negative_overlap = 0.3
   rpn.allow_low_quality_matches = True
+  rpn.low_quality_ties = False          # one anchor per GT (the reference); torchvision: all ties
   rpn.batch_size_per_image = 256
   rpn.fg_fraction = 0.5
   rpn.min_size = 0.0
@@ -92,6 +93,7 @@ def get_config(arg=None):
   rpn.box_weights = (1.0, 1.0, 1.0, 1.0)
   rpn.huber_delta = 1.0 / 9.0
   rpn.box_loss_weight = 1.0
+  rpn.box_loss_normalizer = 'positives_per_level'  # torchvision: 'sampled' (/ batch * 256)
 
   roi = model.roi = ml_collections.ConfigDict()
   roi.batch_size_per_image = 512
@@ -110,6 +112,7 @@ def get_config(arg=None):
   roi.mlp_head_dim = 1024
   roi.huber_delta = 1.0
   roi.box_loss_weight = 1.0
+  roi.box_loss_normalizer = 'foreground'  # / 4 * foreground RoIs; torchvision: 'sampled' RoIs
 
   mask = model.mask = ml_collections.ConfigDict()
   mask.pooler_size = 14

@@ -16,8 +16,11 @@ What differs from the reference (coco_r50):
 * RoIAlign: ``aligned=False``, 2 samples per bin, level mapper ``floor(4 + log2(sqrt(area) / 224)
   + 1e-6)``;
 * frozen batch norm epsilon 1e-5 (``FrozenBatchNorm2d``); 91 classes (COCO category ids).
-The training-time settings (RPN train top-k 2000/2000 per image in torchvision, etc.) are left
-at the reference's values: this overlay is for inference with imported weights.
+The low-quality matches are torchvision's (every anchor tying for a ground truth's best IoU is
+positive); the other training-time settings (RPN train top-k 2000/2000 per image in torchvision,
+the loss normalisations, etc.) are left at the reference's values: this overlay is for inference
+with imported weights. torchvision's losses are options: ``rpn.box_loss_normalizer='sampled'``
+and ``roi.box_loss_normalizer='sampled'`` with ``huber_delta=1/9`` and ``box_loss_weight=9``.
 """
 
 import pathlib
@@ -43,6 +46,7 @@ def get_config(arg=None):
   model.rpn.test_post_nms_topk = 1000
   model.rpn.test_nms_threshold = 0.7
   model.rpn.min_size = 1e-3
+  model.rpn.low_quality_ties = True     # torchvision's Matcher (training only)
   model.roi.aligned = False
   model.roi.sampling_ratio = 2
   model.roi.level_mapping_eps = 1e-6

@@ -19,6 +19,8 @@ import ml_collections
 PRECISIONS = ('float32', 'bfloat16', 'float16')
 RESNET_DEPTHS = (18, 34, 50, 101)
 ANCHOR_CONVENTIONS = ('reference', 'torchvision')
+RPN_BOX_NORMALIZERS = ('positives_per_level', 'sampled')
+ROI_BOX_NORMALIZERS = ('foreground', 'sampled')
 
 
 class ConfigError(ValueError):
@@ -195,6 +197,7 @@ class RPNSettings:
   positive_overlap: float = setting(UNIT)
   negative_overlap: float = setting(UNIT)
   allow_low_quality_matches: bool = setting(boolean)
+  low_quality_ties: bool = setting(boolean)  # all tying anchors (torchvision) or the first
   batch_size_per_image: int = setting(integer(1))
   fg_fraction: float = setting(UNIT)
   min_size: float = setting(NONNEGATIVE)
@@ -207,6 +210,8 @@ class RPNSettings:
   box_weights: tuple[float, ...] = setting(sequence(number(), length=4))
   huber_delta: float = setting(POSITIVE)
   box_loss_weight: float = setting(NONNEGATIVE)
+  # 'positives_per_level' (the reference) or 'sampled' (torchvision: / batch * batch_size)
+  box_loss_normalizer: str = setting(choice(*RPN_BOX_NORMALIZERS))
 
   def relations(self):
     yield ('negative_overlap', self.negative_overlap <= self.positive_overlap,
@@ -232,6 +237,8 @@ class RoISettings:
   mlp_head_dim: int = setting(integer(1))
   huber_delta: float = setting(POSITIVE)
   box_loss_weight: float = setting(NONNEGATIVE)
+  # 'foreground' (the reference: / 4 * foreground RoIs) or 'sampled' (torchvision: / RoI slots)
+  box_loss_normalizer: str = setting(choice(*ROI_BOX_NORMALIZERS))
 
   def relations(self):
     yield ('bg_threshold_lo', self.bg_threshold_lo <= self.bg_threshold_hi,

@@ -29,6 +29,10 @@ def test_reference_config_carries_the_reference_defaults():
   assert c.model.roi.box_weights == (10.0, 10.0, 5.0, 5.0)
   assert (c.model.roi.pooler_size, c.model.mask.pooler_size, c.model.mask.resolution) == (7, 14, 28)
   assert c.model.rpn.huber_delta == pytest.approx(1 / 9)
+  # ArgMaxMatcher(force_match_for_each_row=True): one forced anchor per ground truth, no ties.
+  assert c.model.rpn.allow_low_quality_matches and not c.model.rpn.low_quality_ties
+  assert c.model.rpn.box_loss_normalizer == 'positives_per_level'
+  assert c.model.roi.box_loss_normalizer == 'foreground'
   assert (c.model.test.detections_per_image, c.model.test.nms_threshold) == (100, 0.5)
   assert (c.train.learning_rate, c.train.warmup_steps, c.train.total_steps) == (2.5e-3, 1000,
                                                                                 938240)

@@ -263,6 +263,7 @@ class MaskRCNN(nn.Module):
         targets.rpn_targets, positive_overlap=rpn.positive_overlap,
         negative_overlap=rpn.negative_overlap,
         allow_low_quality_matches=rpn.allow_low_quality_matches,
+        low_quality_ties=rpn.low_quality_ties,
         batch_size_per_image=rpn.batch_size_per_image, fg_fraction=rpn.fg_fraction,
         box_weights=rpn.box_weights), in_axes=(0, None, 0))(rpn_keys, all_anchors, gt)
     rois = jax.vmap(functools.partial(
@@ -288,15 +289,21 @@ class MaskRCNN(nn.Module):
         'rpn_score_loss': loss_ops.rpn_score_loss(
             jnp.concatenate([scores[l] for l in levels], axis=1), anchor_targets.labels,
             batch * rpn.batch_size_per_image),
-        'rpn_box_loss': loss_ops.multilevel_rpn_box_loss(
-            deltas, anchor_targets.box_targets, anchor_targets.positive, rpn.huber_delta),
+        'rpn_box_loss': (
+            loss_ops.multilevel_rpn_box_loss(deltas, anchor_targets.box_targets,
+                                             anchor_targets.positive, rpn.huber_delta)
+            if rpn.box_loss_normalizer == 'positives_per_level' else
+            loss_ops.sampled_rpn_box_loss(deltas, anchor_targets.box_targets,
+                                          anchor_targets.positive,
+                                          batch * rpn.batch_size_per_image, rpn.huber_delta)),
         # Mean over the filled RoI slots (= the reference's mean over all slots whenever every
         # slot is filled, which needs fewer eligible candidates than slots to fail).
         'fast_rcnn_class_loss': loss_ops.fast_rcnn_class_loss(class_logits, rois.classes,
                                                               valid=rois.valid),
         'fast_rcnn_box_loss': loss_ops.fast_rcnn_box_loss(
             jnp.take_along_axis(box_deltas, rois.classes[:, :, None, None], axis=2)[:, :, 0],
-            rois.box_targets, rois.foreground, roi.huber_delta),
+            rois.box_targets, rois.foreground, roi.huber_delta,
+            None if roi.box_loss_normalizer == 'foreground' else jnp.sum(rois.valid)),
         'mask_loss': loss_ops.mask_loss(_class_channel(mask_logits, fg.classes), mask_targets,
                                         fg.foreground),
     }

@@ -6,15 +6,19 @@ reductions the reference applies (NVIDIA TF2 `mask_rcnn/training/losses.py`):
 | loss | element | reduction |
 |---|---|---|
 | RPN score | sigmoid CE over sampled anchors (label >= 0) | sum / (batch * rpn_batch_size_per_im) |
-| RPN box | Huber, delta 1/9, on positive anchors' 4 coordinates | sum / number of weighted coordinates, per level, summed over levels |
+| RPN box | Huber, delta 1/9, on positive anchors' 4 coordinates | sum / number of weighted coordinates, per level, summed over levels (`rpn.box_loss_normalizer='positives_per_level'`) |
 | box-head class | softmax CE over all sampled RoIs | mean over RoIs |
-| box-head box | Huber, delta 1.0, on the ground-truth class's 4 deltas of foreground RoIs | sum / (4 * foreground RoIs) |
+| box-head box | Huber, delta 1.0, on the ground-truth class's 4 deltas of foreground RoIs | sum / (4 * foreground RoIs) (`roi.box_loss_normalizer='foreground'`) |
 | mask | sigmoid CE of the ground-truth class's 28x28 logits of foreground RoIs | sum / (foreground RoIs * 28 * 28) |
 
 The Huber loss is TF's: ``0.5 d**2`` for ``|d| <= delta`` and ``delta * (|d| - 0.5 delta)`` beyond,
 which is ``delta`` times torchvision's ``smooth_l1_loss(beta=delta)``. The reference weights box
 coordinates with ``box_targets != 0``; here the caller passes the positive mask, which differs
 only for a coordinate whose target is exactly 0.
+
+torchvision's reductions are options (``'sampled'`` normalisers): the RPN box loss summed over all
+levels / (batch * rpn batch_size_per_image), the box-head box loss / sampled RoIs; with
+``huber_delta = 1/9`` and ``box_loss_weight = 9`` they are torchvision's smooth-L1 losses exactly.
 
 All arithmetic is float32 whatever the inputs' dtype; a reduction with nothing to sum is 0 (the
 reference's ``divide_no_nan``), so an image without ground truth trains.
@@ -140,14 +144,37 @@ def fast_rcnn_class_loss(logits, labels, valid=None) -> jnp.ndarray:
   return safe_divide(jnp.sum(per_roi * valid), jnp.sum(valid))
 
 
-def fast_rcnn_box_loss(deltas, targets, foreground, delta: float = 1.0) -> jnp.ndarray:
+def sampled_rpn_box_loss(deltas: Mapping[str, jnp.ndarray], targets, positive, normalizer,
+                         delta: float = 1.0 / 9.0) -> jnp.ndarray:
+  """RPN box loss of every level at once, torchvision's normalisation: the Huber loss summed over
+  the positive anchors' coordinates of all levels / `normalizer` (torchvision: the number of
+  sampled anchors, batch * rpn batch_size_per_image).
+
+  deltas: level -> (B, N_l, 4), levels in sorted key order as the blocks of ``targets``
+  (B, sum N_l, 4) and ``positive`` (B, sum N_l) bool. Scalar float32.
+  """
+  predictions = jnp.concatenate([jnp.asarray(deltas[l], jnp.float32) for l in sorted(deltas)],
+                                axis=1)
+  if predictions.shape[1] != positive.shape[1] or predictions.shape[1] != targets.shape[1]:
+    raise ValueError(f'the levels hold {predictions.shape[1]} anchors, the targets '
+                     f'{targets.shape[1]} and the positive mask {positive.shape[1]}')
+  loss = huber_loss(predictions, targets, delta) * jnp.asarray(positive, jnp.float32)[..., None]
+  return safe_divide(jnp.sum(loss), normalizer)
+
+
+def fast_rcnn_box_loss(deltas, targets, foreground, delta: float = 1.0,
+                       normalizer=None) -> jnp.ndarray:
   """Box-head regression loss on the ground-truth class's deltas of foreground RoIs.
 
   deltas: (..., R, 4) already selected for each RoI's ground-truth class; targets: (..., R, 4)
   encoded with weights (10, 10, 5, 5); foreground: (..., R) bool. Returns a float32 scalar:
-  sum / (4 * number of foreground RoIs).
+  sum / (4 * number of foreground RoIs) (the reference), or sum / `normalizer` when one is given
+  (torchvision: the number of sampled RoIs).
   """
-  return rpn_box_loss(deltas, targets, foreground, delta)
+  if normalizer is None:
+    return rpn_box_loss(deltas, targets, foreground, delta)
+  loss = huber_loss(deltas, targets, delta) * jnp.asarray(foreground, jnp.float32)[..., None]
+  return safe_divide(jnp.sum(loss), normalizer)
 
 
 def mask_loss(logits, targets, foreground) -> jnp.ndarray:

@@ -4,7 +4,8 @@ Rules, following Detectron / torchvision's ``Matcher`` and the reference's label
 
 * RPN (the reference's ``ArgMaxMatcher(0.7, 0.3, force_match_for_each_row=True)``): a row whose
   best IoU is >= 0.7 is positive, < 0.3 negative, in between ignored; every ground-truth box also
-  claims the anchors that reach its own best IoU ("low-quality matches").
+  claims the first anchor that reaches its own best IoU ("low-quality matches";
+  ``low_quality_ties=True`` claims every anchor tying for it, as torchvision's ``Matcher``).
 * RoI head (the reference's ``proposal_label_op``): foreground IoU >= 0.5, background IoU in
   ``[bg_thresh_lo, bg_thresh_hi) = [0.0, 0.5)``, no low-quality matches. Call with
   ``positive_threshold=negative_threshold=0.5``. (The reference tests ``> fg_thresh``; a row at
@@ -26,7 +27,7 @@ IGNORE = -1
 
 def match(iou, positive_threshold: float, negative_threshold: float,
           allow_low_quality_matches: bool = False, gt_valid=None, crowd=None,
-          bg_threshold_lo: float = 0.0):
+          bg_threshold_lo: float = 0.0, low_quality_ties: bool = True):
   """Assigns each row (anchor / proposal) a ground-truth index and a label.
 
   Labelling, in order (later steps override earlier ones):
@@ -49,7 +50,11 @@ def match(iou, positive_threshold: float, negative_threshold: float,
      best IoU over all rows is > 0, every row reaching exactly that IoU (ties included, as
      torchvision) becomes positive *and is matched to that column* (as the reference's
      ``force_match_for_each_row``; torchvision instead keeps the row's argmax column). A row
-     claimed by several columns takes the one it overlaps most (first column on ties).
+     claimed by several columns takes the one it overlaps most (first column on ties). With
+     ``low_quality_ties=False`` each column claims only its first best row (the lowest row
+     index), as the reference's ``ArgMaxMatcher``, whose ``tf.argmax`` forces one anchor per
+     ground truth; with tiny objects the difference is large (a 5-pixel box inside dozens of
+     32-pixel anchors ties with all of them).
 
   Padded columns (``gt_valid`` False) and crowd columns never produce positives and are never
   the ``matched_idx`` of a positive row. With no valid column at all every row is negative and
@@ -61,6 +66,8 @@ def match(iou, positive_threshold: float, negative_threshold: float,
     positive_threshold: IoU at or above which a row is positive.
     negative_threshold: IoU below which a row is negative (``<= positive_threshold``).
     allow_low_quality_matches: add each ground truth's best-overlapping rows as positives (RPN).
+    low_quality_ties: every row tying for a column's best IoU (torchvision) or only the first
+      (the reference).
     gt_valid: optional (M,) bool, False for padding; None means every column is valid (padded
       columns at -1 still never match).
     crowd: optional (M,) bool, True for ``iscrowd`` boxes.
@@ -103,7 +110,12 @@ def match(iou, positive_threshold: float, negative_threshold: float,
   if allow_low_quality_matches:
     best_per_gt = jnp.max(iou_t, axis=0)  # (M,)
     # Exact equality is safe: both sides are the same float32 values.
-    forced = (iou_t == best_per_gt[None, :]) & (best_per_gt > 0.0)[None, :] & target[None, :]
+    if low_quality_ties:
+      best_rows = iou_t == best_per_gt[None, :]
+    else:
+      first = jnp.argmax(iou_t, axis=0)  # (M,) lowest row index among the ties
+      best_rows = jnp.arange(n)[:, None] == first[None, :]
+    forced = best_rows & (best_per_gt > 0.0)[None, :] & target[None, :]
     any_forced = jnp.any(forced, axis=1)
     forced_idx = jnp.argmax(jnp.where(forced, iou_t, -2.0), axis=1).astype(jnp.int32)
     matched_idx = jnp.where(any_forced, forced_idx, matched_idx)

@@ -48,6 +48,7 @@ class RoITargets(NamedTuple):
 
 def rpn_targets(key, anchors, gt: GroundTruth, *, positive_overlap: float,
                 negative_overlap: float, allow_low_quality_matches: bool,
+                low_quality_ties: bool = True,
                 batch_size_per_image: int, fg_fraction: float,
                 box_weights: Sequence[float]) -> RPNTargets:
   """Labels, samples and encodes the anchors of one image (the reference's RPN targets).
@@ -59,12 +60,14 @@ def rpn_targets(key, anchors, gt: GroundTruth, *, positive_overlap: float,
     positive_overlap, negative_overlap: IoU >= positive is foreground, < negative background;
       between them ignored.
     allow_low_quality_matches: each ground truth's highest-IoU anchors are also positive.
+    low_quality_ties: all the anchors tying for that IoU (torchvision) or the first (reference).
     batch_size_per_image, fg_fraction: anchors sampled, at most this fraction positive.
     box_weights: box coder weights (the reference: 1, 1, 1, 1).
   """
   iou = box_ops.box_iou(anchors, gt.boxes, valid2=gt.valid)
   matched, labels = matching.match(iou, positive_overlap, negative_overlap,
                                    allow_low_quality_matches, gt_valid=gt.valid,
+                                   low_quality_ties=low_quality_ties,
                                    crowd=gt.is_crowd)
   pos, neg = sampling.sample_balanced_mask(key, labels, batch_size_per_image, fg_fraction)
   box_targets = box_ops.encode_boxes(gt.boxes[matched], anchors, box_weights)

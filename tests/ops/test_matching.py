@@ -9,10 +9,12 @@ from maskrcnn_jax.ops import boxes as box_ops
 from maskrcnn_jax.ops import matching
 
 # One compiled function per setting keeps the many small cases fast.
-match = jax.jit(matching.match, static_argnums=(1, 2, 3), static_argnames=('bg_threshold_lo',))
+match = jax.jit(matching.match, static_argnums=(1, 2, 3),
+                static_argnames=('bg_threshold_lo', 'low_quality_ties'))
 
 
-def reference_match(iou, pos, neg, low_quality, gt_valid=None, crowd=None, bg_lo=0.0):
+def reference_match(iou, pos, neg, low_quality, gt_valid=None, crowd=None, bg_lo=0.0,
+                    ties=True):
   """Row-by-row loop implementing the documented rules (independent of the vectorised code)."""
   iou = np.asarray(iou, np.float32)
   n, m = iou.shape
@@ -52,6 +54,8 @@ def reference_match(iou, pos, neg, low_quality, gt_valid=None, crowd=None, bg_lo
       for i in range(n):
         if iou[i, j] == col_best:
           claims[i].append(j)
+          if not ties:  # the reference's tf.argmax: the first best row only
+            break
     for i in range(n):
       if claims[i]:
         best_j = claims[i][0]
@@ -79,6 +83,7 @@ def test_random_against_reference(seed):
   iou, gt_valid, crowd = _random_case(rng, 40, 7)
   settings = [
       dict(pos=0.7, neg=0.3, low_quality=True),
+      dict(pos=0.7, neg=0.3, low_quality=True, ties=False),
       dict(pos=0.7, neg=0.3, low_quality=False),
       dict(pos=0.5, neg=0.5, low_quality=False),
       dict(pos=0.5, neg=0.5, low_quality=False, bg_lo=0.1),
@@ -87,9 +92,10 @@ def test_random_against_reference(seed):
     for use_crowd in (False, True):
       cr = crowd if use_crowd else None
       want_idx, want_lab = reference_match(iou, s['pos'], s['neg'], s['low_quality'], gt_valid,
-                                           cr, s.get('bg_lo', 0.0))
+                                           cr, s.get('bg_lo', 0.0), s.get('ties', True))
       got_idx, got_lab = match(iou, s['pos'], s['neg'], s['low_quality'], gt_valid=gt_valid,
-                               crowd=cr, bg_threshold_lo=s.get('bg_lo', 0.0))
+                               crowd=cr, bg_threshold_lo=s.get('bg_lo', 0.0),
+                               low_quality_ties=s.get('ties', True))
       np.testing.assert_array_equal(np.asarray(got_lab), want_lab, err_msg=str(s))
       positive = want_lab == 1
       np.testing.assert_array_equal(np.asarray(got_idx)[positive], want_idx[positive])
@@ -136,6 +142,27 @@ def test_low_quality_matches_ties_and_forced_column():
   np.testing.assert_array_equal(np.asarray(idx)[:3], [0, 0, 1])
   _, lab = match(iou, 0.7, 0.3, False)
   np.testing.assert_array_equal(np.asarray(lab), [-1, -1, -1, 0, 0])
+  # The reference's rule: gt 0 claims only its first best row; the tie (row 1) stays ignored.
+  idx, lab = match(iou, 0.7, 0.3, True, low_quality_ties=False)
+  np.testing.assert_array_equal(np.asarray(lab), [1, -1, 1, 0, 0])
+  np.testing.assert_array_equal(np.asarray(idx)[[0, 2]], [0, 1])
+
+
+def test_tiny_box_ties_with_every_anchor_containing_it():
+  """A 4x4 box inside a grid of 32x32 anchors (stride 4): every anchor containing it has IoU
+  16/1024 exactly; with ties all of them are positive, the reference's rule keeps one."""
+  centres = np.arange(2.0, 64.0, 4.0)
+  cx, cy = np.meshgrid(centres, centres)
+  anchors = np.stack([cx - 16, cy - 16, cx + 16, cy + 16], -1).reshape(-1, 4).astype(np.float32)
+  gt = np.array([[30.0, 30.0, 34.0, 34.0]], np.float32)
+  iou = np.asarray(box_ops.box_iou(jnp.asarray(anchors), jnp.asarray(gt)))
+  containing = np.all((anchors[:, :2] <= 30.0) & (anchors[:, 2:] >= 34.0), axis=1)
+  _, lab = match(iou, 0.7, 0.3, True)
+  np.testing.assert_array_equal(np.asarray(lab) == 1, containing)
+  assert containing.sum() == 64  # centres 18..46 in x and in y
+  _, lab = match(iou, 0.7, 0.3, True, low_quality_ties=False)
+  assert int(np.sum(np.asarray(lab) == 1)) == 1
+  assert np.asarray(lab)[np.argmax(containing)] == 1  # the first containing anchor
 
 
 @pytest.mark.parametrize('low_quality', [False, True])

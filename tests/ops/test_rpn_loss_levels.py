@@ -117,3 +117,45 @@ def test_level_block_mismatch_raises():
     _call(deltas, np.pad(targets, ((0, 0), (0, 1), (0, 0))), np.pad(positive, ((0, 0), (0, 1))))
   with pytest.raises(ValueError, match='the levels hold'):
     _call(deltas, targets[:, :-1], positive[:, :-1])
+
+
+def np_smooth_l1(d, beta):
+  """torchvision's smooth_l1_loss element: 0.5 d^2 / beta if |d| < beta, else |d| - 0.5 beta."""
+  d = np.abs(np.asarray(d, np.float64))
+  return np.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta)
+
+
+def test_sampled_normalizer_is_torchvision_smooth_l1_over_sampled_anchors():
+  """``rpn.box_loss_normalizer='sampled'`` with huber_delta 1/9 and weight 9 is torchvision's
+  ``smooth_l1_loss(beta=1/9, reduction='sum') / sampled anchors`` over every level at once."""
+  deltas, targets, positive = make_case()
+  sampled = BATCH * 5  # the batch's sampled anchors (torchvision's sampled_inds.numel())
+  pred = np.concatenate([deltas[k] for k in sorted(deltas)], axis=1)
+  want = 0.0
+  for b in range(BATCH):
+    for a in range(pred.shape[1]):
+      if positive[b, a]:
+        want += float(np.sum(np_smooth_l1(pred[b, a] - targets[b, a], 1.0 / 9.0)))
+  want /= sampled
+  got = 9.0 * float(losses.sampled_rpn_box_loss(
+      {k: jnp.asarray(v) for k, v in deltas.items()}, jnp.asarray(targets),
+      jnp.asarray(positive), sampled, 1.0 / 9.0))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  with pytest.raises(ValueError, match='the levels hold'):
+    losses.sampled_rpn_box_loss({k: jnp.asarray(v) for k, v in deltas.items()},
+                                jnp.asarray(targets[:, 1:]), jnp.asarray(positive), 1.0)
+
+
+def test_box_head_sampled_normalizer_is_torchvision_fastrcnn_box_loss():
+  rng = np.random.default_rng(3)
+  pred = rng.normal(0, 0.5, (2, 6, 4)).astype(np.float32)
+  tgt = rng.normal(0, 0.5, (2, 6, 4)).astype(np.float32)
+  fg = np.array([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]], bool)
+  want = float(np.sum(np_smooth_l1(pred - tgt, 1.0 / 9.0)[fg])) / 12  # / labels.numel()
+  got = 9.0 * float(losses.fast_rcnn_box_loss(jnp.asarray(pred), jnp.asarray(tgt),
+                                              jnp.asarray(fg), 1.0 / 9.0, normalizer=12))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  reference = float(losses.fast_rcnn_box_loss(jnp.asarray(pred), jnp.asarray(tgt),
+                                              jnp.asarray(fg), 1.0))
+  np.testing.assert_allclose(reference, np.sum(np_huber(pred - tgt, 1.0)[fg]) / (4 * 3),
+                             rtol=1e-5)
