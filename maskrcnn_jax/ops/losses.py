@@ -6,9 +6,9 @@ reductions the reference applies (NVIDIA TF2 `mask_rcnn/training/losses.py`):
 | loss | element | reduction |
 |---|---|---|
 | RPN score | sigmoid CE over sampled anchors (label >= 0) | sum / (batch * rpn_batch_size_per_im) |
-| RPN box | Huber, delta 1/9, on positive anchors' 4 coordinates | sum / number of weighted coordinates, per level, summed over levels (`rpn.box_loss_normalizer='positives_per_level'`) |
+| RPN box | Huber, delta 1/9, on positive anchors' 4 coordinates | sum / number of weighted coordinates, per level, summed over levels |
 | box-head class | softmax CE over all sampled RoIs | mean over RoIs |
-| box-head box | Huber, delta 1.0, on the ground-truth class's 4 deltas of foreground RoIs | sum / (4 * foreground RoIs) (`roi.box_loss_normalizer='foreground'`) |
+| box-head box | Huber, delta 1.0, on the ground-truth class's 4 deltas of foreground RoIs | sum / (4 * foreground RoIs) |
 | mask | sigmoid CE of the ground-truth class's 28x28 logits of foreground RoIs | sum / (foreground RoIs * 28 * 28) |
 
 The Huber loss is TF's: ``0.5 d**2`` for ``|d| <= delta`` and ``delta * (|d| - 0.5 delta)`` beyond,
@@ -16,9 +16,11 @@ which is ``delta`` times torchvision's ``smooth_l1_loss(beta=delta)``. The refer
 coordinates with ``box_targets != 0``; here the caller passes the positive mask, which differs
 only for a coordinate whose target is exactly 0.
 
-torchvision's reductions are options (``'sampled'`` normalisers): the RPN box loss summed over all
-levels / (batch * rpn batch_size_per_image), the box-head box loss / sampled RoIs; with
-``huber_delta = 1/9`` and ``box_loss_weight = 9`` they are torchvision's smooth-L1 losses exactly.
+These are the defaults (``rpn.box_loss_normalizer='positives_per_level'``,
+``roi.box_loss_normalizer='foreground'``); torchvision's reductions are options (``'sampled'``):
+the RPN box loss summed over all levels / (batch * rpn batch_size_per_image), the box-head box
+loss / sampled RoIs; with ``huber_delta = 1/9`` and ``box_loss_weight = 9`` they are
+torchvision's smooth-L1 losses exactly.
 
 All arithmetic is float32 whatever the inputs' dtype; a reduction with nothing to sum is 0 (the
 reference's ``divide_no_nan``), so an image without ground truth trains.
