@@ -42,6 +42,16 @@ def resize_scale(height: int, width: int, canvas: tuple[int, int]) -> tuple[floa
   return scale, new_h, new_w
 
 
+def resize_to_canvas(image: Image.Image, canvas: tuple[int, int]) -> tuple[np.ndarray, float]:
+  """The image resized to fit the canvas as training and evaluation do (`resize_scale`, PIL
+  bilinear on the uint8 image): ((h', w', 3) uint8 pixels, scale = resized / original)."""
+  width, height = image.size
+  scale, new_h, new_w = resize_scale(height, width, canvas)
+  if (new_w, new_h) != image.size:
+    image = image.resize((new_w, new_h), Image.BILINEAR)
+  return np.asarray(image), scale
+
+
 def _axis_weights(start: float, length: float, size: int, n: int):
   """Bilinear taps along one axis for `size` half-pixel-centred samples of [start, start+length].
 
@@ -97,10 +107,8 @@ def process_example(record: dict, out: dict[str, np.ndarray], slot: int, *,
   if image.size != (width, height):
     raise ValueError(f'image id {record["image_id"]}: decoded size {image.size[::-1]} differs '
                      f'from the recorded {(height, width)}')
-  scale, new_h, new_w = resize_scale(height, width, canvas)
-  if (new_w, new_h) != image.size:
-    image = image.resize((new_w, new_h), Image.BILINEAR)
-  pixels = np.asarray(image)
+  pixels, scale = resize_to_canvas(image, canvas)
+  new_h, new_w = pixels.shape[:2]
   out['images'][slot, :new_h, :new_w] = pixels[:, ::-1] if flip else pixels
   out['image_sizes'][slot] = (new_h, new_w)
   out['image_ids'][slot] = int(record['image_id'])

@@ -54,6 +54,42 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
   return manager.restore(int(step), args=ocp.args.StandardRestore(abstract_state))
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps with a committed checkpoint in ``<workdir>/checkpoints`` (sorted), read from the
+  directory names without creating anything."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n, 'default')))
+
+
+def restore_variables(workdir: str, abstract_variables: Any, step: int | None = None
+                      ) -> tuple[int, dict[str, Any]]:
+  """(step, {'params', 'batch_stats'}) of a checkpoint, without the optimizer state.
+
+  Only the model's variables are read (Orbax partial restore), so the checkpoint of a run with any
+  optimizer settings restores into a model of the same architecture. `abstract_variables`: the
+  ShapeDtypeStructs of the model's variables (``jax.eval_shape`` of its init); `step`: None or
+  < 0 for the latest. Raises NoCheckpointError naming the directory and the steps available.
+  """
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise NoCheckpointError(f'no checkpoint in {checkpoint_dir(workdir)}')
+  if step is None or step < 0:
+    step = steps[-1]
+  elif step not in steps:
+    raise NoCheckpointError(f'no checkpoint for step {step} in {checkpoint_dir(workdir)} '
+                            f'(available: {steps})')
+  item = {'params': abstract_variables['params'],
+          'batch_stats': abstract_variables.get('batch_stats', {})}
+  path = os.path.join(checkpoint_dir(workdir), str(step), 'default')
+  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True))
+  return int(step), {'params': restored['params'], 'batch_stats': restored['batch_stats']}
+
+
 def abstract(tree: Any) -> Any:
   """ShapeDtypeStructs of a (possibly lazily built) tree, for `restore`."""
   return jax.tree_util.tree_map(

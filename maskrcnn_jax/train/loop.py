@@ -30,6 +30,7 @@ import flax.jax_utils
 import jax
 
 from maskrcnn_jax import configs
+from maskrcnn_jax import inference
 from maskrcnn_jax.data import pipeline
 from maskrcnn_jax.evaluation import evaluator
 from maskrcnn_jax.train import benchmark
@@ -120,12 +121,20 @@ def _save_config(config, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2))
 
 
+def _save_categories(config, workdir: str) -> None:
+  """The training data's category table beside the checkpoints (for `inference.Predictor`)."""
+  if jax.process_index() == 0:
+    source = experiment.build_source(config, config.data.train_split)
+    inference.write_categories(workdir, source.metadata)
+
+
 # ------------------------------------------------------------------------------ modes
 def train(config, workdir: str, evaluate_every: bool = False) -> TrainResult:
   """Trains to config.train.total_steps (resuming), optionally evaluating as train_and_eval."""
   from clu import periodic_actions  # pylint: disable=import-outside-toplevel  # imports TensorFlow
   os.makedirs(workdir, exist_ok=True)
   _save_config(config, workdir)
+  _save_categories(config, workdir)
   job = Run(config, workdir)
   exp = job.exp
   k = exp.accumulation_steps
@@ -202,10 +211,9 @@ def evaluate(config, workdir: str) -> dict[str, float] | None:
   job = Run(config, workdir)
   if job.manager.latest_step() is None:
     step, variables = 0, job.exp.initial_variables()
-  else:
-    step = int(config.eval.checkpoint_step)
-    state = ckpt.restore(job.manager, job.exp.abstract_state, None if step < 0 else step)
-    step, variables = int(state.step), state.variables
+  else:  # the model's variables only: a run's optimizer settings need not be repeated
+    step, variables = ckpt.restore_variables(workdir, job.exp.abstract_variables,
+                                             int(config.eval.checkpoint_step))
   replicated = step_lib.replicate(variables, job.exp.devices)
   line = job.evaluate(replicated, step, _writer(workdir))
   job.manager.close()
