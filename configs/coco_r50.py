@@ -138,13 +138,21 @@ def get_config(arg=None):
   test.min_box_size = 0.0               # drop detections narrower/shorter (torchvision: 1e-2)
 
   # ---------------------------------------------------------------- initialisation
-  # torchvision state dicts (.pth with torch installed, .npz or .safetensors; nothing is
-  # downloaded) loaded when a run starts without a checkpoint in its workdir. The reference
-  # starts from an ImageNet ResNet-50: e.g. torchvision's resnet50 (IMAGENET1K_V1) file.
+  # Weights loaded when a run starts without a checkpoint in its workdir (a resumed run ignores
+  # them): torchvision state dicts (.pth with torch installed, .npz or .safetensors; nothing is
+  # downloaded) or a checkpoint of ours. The reference starts from an ImageNet ResNet-50: e.g.
+  # torchvision's resnet50 (IMAGENET1K_V1) file. A source with another model.num_classes (whole
+  # Mask R-CNN or checkpoint) fills everything but the class-dependent layers (box classifier,
+  # box regressor, mask predictor), which stay freshly initialised: fine-tuning to other classes
+  # (configs/finetune_shapes.py).
   init = config.init = ml_collections.ConfigDict()
   init.torchvision_backbone = ''        # ImageNet resnet{depth} state dict
   init.torchvision_backbone_prefix = ''  # key prefix, e.g. 'backbone.body.' in a detection file
   init.torchvision_maskrcnn = ''        # a whole maskrcnn_resnet50_fpn (configs/torchvision_r50.py)
+  # A workdir of ours (its latest checkpoint), or one step directory <workdir>/checkpoints/<step>:
+  # its params and batch_stats only (no optimizer state; the run starts at step 0). The same
+  # model except, optionally, num_classes. Not together with the torchvision_* keys.
+  init.checkpoint = ''
 
   # ---------------------------------------------------------------- training
   train = config.train = ml_collections.ConfigDict()

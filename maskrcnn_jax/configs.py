@@ -78,8 +78,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   warmup = config.train.warmup_steps
   require(warmup < total, 'train.warmup_steps', warmup, f'must be < train.total_steps = {total}')
 
+  checkpoint = read_key(config, 'init.checkpoint', string)
+  for key in ('init.torchvision_maskrcnn', 'init.torchvision_backbone'):
+    if checkpoint and read_key(config, key, string):
+      raise ConfigError(f'config keys {key!r} and \'init.checkpoint\' are both set: give only '
+                        f'one (the checkpoint holds the whole model)')
   for key in ('init.torchvision_backbone', 'init.torchvision_maskrcnn'):
     path = read_key(config, key, string)
     if path:
       require(pathlib.Path(path).expanduser().is_file(), key, path, 'no such file')
   read_key(config, 'init.torchvision_backbone_prefix', string)
+  if checkpoint:
+    require(pathlib.Path(checkpoint).expanduser().is_dir(), 'init.checkpoint', checkpoint,
+            'no such directory (a workdir of ours or a <workdir>/checkpoints/<step> directory)')

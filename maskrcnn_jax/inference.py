@@ -174,6 +174,7 @@ class Predictor:
     the architecture of `config` (e.g. configs/torchvision_r50.py)."""
     config = ml_collections.ConfigDict(config.to_dict())
     config.init.torchvision_maskrcnn = str(path)
+    config.init.checkpoint = ''  # the weights come from `path` alone
     model = experiment.build_model(config)
     variables = experiment.build_initial_variables(config, model, jax.random.PRNGKey(0))
     return cls(config, variables, **kwargs)

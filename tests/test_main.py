@@ -201,3 +201,12 @@ def test_unprepared_dataset_is_a_clear_error(tmp_path, env):
   rc, log = _run(_command(tmp_path / 'work', tmp_path / 'no_tfds'), env)
   assert rc == 1
   assert 'is not prepared' in log and 'maskrcnn_jax.data.prepare' in log
+
+
+def test_too_few_classes_is_a_clear_error_before_compiling(tmp_path, env, data_dir):
+  workdir = tmp_path / 'work'
+  rc, log = _run(_command(workdir, data_dir, '--config.model.num_classes=4'), env)
+  assert rc != 0
+  assert "config key 'model.num_classes' = 4 is too small for dataset" in log
+  assert 'model.num_classes >= 91' in log
+  assert not (workdir / 'config.json').exists()  # nothing written for a run that cannot start

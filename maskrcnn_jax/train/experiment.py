@@ -51,9 +51,19 @@ def build_loss_scale(config) -> precision.LossScale:
 
 
 def build_initial_variables(config, model, key) -> dict:
-  """Fresh variables of `model`, with the torchvision weights of config.init put in."""
-  variables = modeling.init_variables(model, key, tuple(config.data.image_size))
+  """Fresh variables of `model`, with the weights of config.init put in: the params and
+  batch_stats of a checkpoint of ours (init.checkpoint) or torchvision state dicts. A source
+  with another model.num_classes fills all but the class-dependent layers (box classifier, box
+  regressor, mask predictor), which keep this fresh initialisation (one log line per tensor);
+  any other mismatch raises `weights.WeightImportError` naming the parameter and both shapes."""
   init = config.init
+  if init.checkpoint and (init.torchvision_maskrcnn or init.torchvision_backbone):
+    # validate_config says so too; this guards configs changed after validation.
+    raise settings.ConfigError('config keys \'init.checkpoint\' and \'init.torchvision_*\' are '
+                               'both set: give only one')
+  variables = modeling.init_variables(model, key, tuple(config.data.image_size))
+  if init.checkpoint:
+    return weights.load_checkpoint(variables, init.checkpoint)
   if not (init.torchvision_maskrcnn or init.torchvision_backbone):
     return variables
   b = config.model.backbone
@@ -62,6 +72,26 @@ def build_initial_variables(config, model, key) -> dict:
       backbone_prefix=init.torchvision_backbone_prefix, depth=int(b.depth),
       finetune_bn=bool(b.finetune_bn), pooler_size=int(config.model.roi.pooler_size),
       min_level=int(config.model.min_level))
+
+
+def required_num_classes(metadata) -> int:
+  """The smallest model.num_classes a prepared dataset needs: its largest class index + 1 (the
+  metadata's ``class_index_to_category_id`` table; the largest category id + 1 without one, as
+  `maskrcnn_jax.evaluation.coco.class_to_category_map` reads it)."""
+  table = metadata.get('class_index_to_category_id')
+  indices = ([int(k) for k in table] if table else
+             [int(c['id']) for c in metadata.get('categories', [])])
+  return max(indices, default=0) + 1
+
+
+def check_num_classes(config, metadata, dataset_name: str) -> None:
+  """Raises `settings.ConfigError` (one line) when config.model.num_classes is too small for the
+  classes of a prepared dataset (`Source.metadata`; see `required_num_classes`)."""
+  have, need = int(config.model.num_classes), required_num_classes(metadata)
+  if have < need:
+    raise settings.ConfigError(
+        f'config key \'model.num_classes\' = {have} is too small for dataset {dataset_name}: its '
+        f'largest class index is {need - 1}, so it needs model.num_classes >= {need}')
 
 
 def input_settings(config) -> settings.InputSettings:

@@ -121,10 +121,13 @@ def _save_config(config, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2))
 
 
-def _save_categories(config, workdir: str) -> None:
-  """The training data's category table beside the checkpoints (for `inference.Predictor`)."""
+def _check_classes_and_save_categories(config, workdir: str) -> None:
+  """Fails (one line) when model.num_classes does not cover the training data's classes, before
+  anything compiles; records the category table beside the checkpoints (`inference.Predictor`)."""
+  source = experiment.build_source(config, config.data.train_split)
+  experiment.check_num_classes(config, source.metadata,
+                               f'{config.data.tfds_name} ({config.data.train_split})')
   if jax.process_index() == 0:
-    source = experiment.build_source(config, config.data.train_split)
     inference.write_categories(workdir, source.metadata)
 
 
@@ -133,8 +136,8 @@ def train(config, workdir: str, evaluate_every: bool = False) -> TrainResult:
   """Trains to config.train.total_steps (resuming), optionally evaluating as train_and_eval."""
   from clu import periodic_actions  # pylint: disable=import-outside-toplevel  # imports TensorFlow
   os.makedirs(workdir, exist_ok=True)
+  _check_classes_and_save_categories(config, workdir)
   _save_config(config, workdir)
-  _save_categories(config, workdir)
   job = Run(config, workdir)
   exp = job.exp
   k = exp.accumulation_steps

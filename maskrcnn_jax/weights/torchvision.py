@@ -16,6 +16,13 @@ for shape; torchvision keys left over are reported as unexpected. Layout changes
 Both the current torchvision names (``inner_blocks.0.0``, ``rpn.head.conv.0.0``,
 ``mask_head.0.0``) and the names of checkpoints saved by older versions (``inner_blocks.0``,
 ``rpn.head.conv``, ``mask_head.mask_fcn1``) are accepted.
+
+Other classes: a state dict trained with another number of classes (e.g. torchvision's 91 COCO
+classes into a model of ``num_classes`` = 4) fills everything but the class-dependent layers
+``roi_heads.box_predictor.cls_score``, ``roi_heads.box_predictor.bbox_pred`` and
+``roi_heads.mask_predictor.mask_fcn_logits``, which keep the target's fresh initialisation (one
+log line per tensor, source shape -> target shape; the rule is
+:func:`maskrcnn_jax.weights.transfer.plan_transfer`). Every other mismatch raises.
 """
 
 from __future__ import annotations
@@ -29,12 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskrcnn_jax.modeling.resnet import ResNet
+from maskrcnn_jax.weights import transfer
+from maskrcnn_jax.weights.transfer import WeightImportError
 
 StateDict = Mapping[str, np.ndarray]
-
-
-class WeightImportError(ValueError):
-  """The state dict does not fit the model; the message names the offending keys."""
 
 
 _BN_LEAVES = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
@@ -120,15 +125,19 @@ def _transform_for(module: str, leaf: str, pooler_size: int):
 def _convert(target: Mapping[str, Any], state_dict: StateDict,
              candidates: Callable[[tuple[str, ...]], list[str]],
              pooler_size: int, ignored: Callable[[str], bool]) -> dict:
-  """Fills the (abstract) ``target`` variables from ``state_dict``; raises on any mismatch."""
+  """Fills the ``target`` variables from ``state_dict``; raises on any mismatch except the
+  class-dependent layers of a source with another class count, which keep ``target``'s values
+  (so ``target`` must then hold values, not abstract shapes)."""
   state = {k: np.asarray(v) for k, v in state_dict.items()}
   used: set[str] = set()
-  missing, mismatched = [], []
-  flat = jax.tree_util.tree_flatten_with_path(target)[0]
-  out: dict = {}
-  for key_path, abstract in flat:
+  missing = []
+  comparisons: list[transfer.Comparison] = []
+  values: dict[tuple[str, ...], np.ndarray] = {}
+  targets: dict[tuple[str, ...], Any] = {}
+  torch_shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
+  for key_path, abstract in jax.tree_util.tree_flatten_with_path(target)[0]:
     names = tuple(k.key for k in key_path)
-    collection, module_path, leaf = names[0], names[1:-1], names[-1]
+    module_path, leaf = names[1:-1], names[-1]
     # kernel -> weight; batch norm scale/mean/var -> weight/running_mean/running_var.
     torch_leaf = 'weight' if leaf == 'kernel' else _BN_LEAVES[leaf]
     options = [f'{m}.{torch_leaf}' for m in candidates(module_path)]
@@ -138,25 +147,37 @@ def _convert(target: Mapping[str, Any], state_dict: StateDict,
       continue
     used.add(found)
     value = _transform_for(module_path[-1], leaf, pooler_size)(state[found])
-    if tuple(value.shape) != tuple(abstract.shape):
-      mismatched.append(f'{found}: torchvision {tuple(state[found].shape)} -> '
-                        f'{tuple(value.shape)}, model {"/".join(names)} expects '
-                        f'{tuple(abstract.shape)}')
-      continue
-    node = out
-    for n in names[:-1]:
-      node = node.setdefault(n, {})
-    node[leaf] = np.asarray(value, np.float32)
+    values[names], targets[names] = value, abstract
+    torch_shapes[names] = tuple(state[found].shape)
+    comparisons.append(transfer.Comparison(names, found, tuple(value.shape),
+                                           tuple(abstract.shape)))
+  skipped, errors = transfer.plan_transfer(comparisons)
   unexpected = sorted(k for k in state if k not in used and not ignored(k))
   problems = []
   if missing:
     problems.append(f'{len(missing)} missing keys: {missing[:20]}')
   if unexpected:
     problems.append(f'{len(unexpected)} unexpected keys: {unexpected[:20]}')
-  if mismatched:
+  if errors:
+    mismatched = [f'{c.label}: torchvision {torch_shapes[c.path]} -> {c.source_shape}, model '
+                  f'{"/".join(c.path)} expects {c.target_shape}' for c in errors]
     problems.append(f'{len(mismatched)} shape mismatches: {mismatched[:20]}')
+  abstract_skips = [c for c in skipped if isinstance(targets[c.path], jax.ShapeDtypeStruct)]
+  if abstract_skips:
+    problems.append(
+        f'the class-dependent layers have another class count ({abstract_skips[0].label}: '
+        f'{abstract_skips[0].source_shape} vs {abstract_skips[0].target_shape}); pass fresh '
+        f'variables, not abstract shapes, as the target to keep them freshly initialised')
   if problems:
     raise WeightImportError('state dict does not fit the model: ' + '; '.join(problems))
+  transfer.log_skipped(skipped)
+  keep = {c.path for c in skipped}
+  out: dict = {}
+  for names, value in values.items():
+    node = out
+    for n in names[:-1]:
+      node = node.setdefault(n, {})
+    node[names[-1]] = np.asarray(targets[names] if names in keep else value, np.float32)
   return out
 
 
@@ -196,7 +217,10 @@ def from_torchvision(state_dict: StateDict, target: Mapping[str, Any], *, pooler
     min_level: the finest pyramid level (config.model.min_level).
 
   Returns:
-    ``{'params': ..., 'batch_stats': ...}`` nested dicts of float32 NumPy arrays.
+    ``{'params': ..., 'batch_stats': ...}`` nested dicts of float32 NumPy arrays. When the state
+    dict has another number of classes than ``target`` (torchvision's 91 into a 4-class model),
+    ``cls_score``, ``bbox_pred`` and ``mask_fcn_logits`` are not loaded: their leaves are
+    ``target``'s (which must then be fresh variables, not abstract shapes), one line each logged.
 
   Raises:
     WeightImportError: naming missing keys, unexpected keys and shape mismatches.
@@ -248,7 +272,9 @@ def load_pretrained(variables: dict, *, maskrcnn_path: str = '', backbone_path: 
 
   Args:
     variables: ``{'params', 'batch_stats'}`` of the model (fresh init).
-    maskrcnn_path: a whole ``maskrcnn_resnet50_fpn`` state dict file (replaces every variable).
+    maskrcnn_path: a whole ``maskrcnn_resnet50_fpn`` state dict file (replaces every variable;
+      with another number of classes than the model, all but the class-dependent layers, see
+      :func:`from_torchvision`).
     backbone_path: an ImageNet ``resnet{depth}`` state dict file (replaces the backbone only; the
       FPN and heads keep their initialisation). Ignored when ``maskrcnn_path`` is given.
     backbone_prefix: prefix of the backbone keys in ``backbone_path`` (e.g. ``'backbone.body.'``
