@@ -357,3 +357,22 @@ def test_finetune_shapes_config(source_workdir):
   assert config.train.learning_rate <= base.train.learning_rate / 5
   assert config.train.gradient_clip_norm > 0
   assert config.train.warmup_steps < config.train.total_steps
+
+
+def test_predictor_from_torchvision_holds_the_imported_weights(models, state_dict_91, tmp_path):
+  """`inference.Predictor.from_torchvision`: the imported tensors, and detections on a real image."""
+  from maskrcnn_jax import inference  # pylint: disable=import-outside-toplevel
+  _, by_classes = models
+  config91, _, abstract91 = by_classes[SOURCE_CLASSES]
+  path = tmp_path / 'maskrcnn_91.npz'
+  np.savez(path, **state_dict_91)
+  predictor = inference.Predictor.from_torchvision(str(path), config91)
+  want = _leaves(from_torchvision(state_dict_91, abstract91, **_import_kwargs(config91)))
+  got = _leaves(jax.device_get(predictor.variables))
+  assert set(got) == set(want)
+  for name, value in want.items():
+    np.testing.assert_array_equal(got[name], value, err_msg=str(name))
+  image = sorted((ROOT / 'tests' / 'data' / 'coco_sample' / 'val2017').iterdir())[0]
+  [record] = predictor.predict(image, score_threshold=0.0)
+  assert len(record['scores']) > 0 and record['masks'].shape[1:] == record['image_size']
+  assert np.all(np.diff(record['scores']) <= 0)  # best first
