@@ -4,8 +4,10 @@ Each notebook is executed with nbclient in a kernel of this very interpreter (`s
 whatever kernel specs the machine has installed), with its cwd = notebooks/ as in Jupyter, and
 with the environment variables that make it small: the quickstart trains 2 steps of 2 images on
 48 generated images and evaluates 16; the torchvision notebook uses synthetic weights at a
-256x256 canvas. The tests check what each notebook must show (the metrics, an inline image), not
-its numbers, which mean nothing at these sizes.
+256x256 canvas; the fine-tuning notebook trains its source 2 steps on 16 shapes images and
+fine-tunes it 2 steps on its 16 + 8 relabelled example images. The tests check what each
+notebook must show (the metrics, an inline image), not its numbers, which mean nothing at these
+sizes.
 """
 
 import importlib.util
@@ -35,6 +37,16 @@ QUICKSTART_ENV = {
                                     '--config.eval.per_device_batch_size=8'),
 }
 TORCHVISION_ENV = {'MASKRCNN_NOTEBOOK_IMAGE_SIZE': '256,256'}
+# The fine-tuning notebook: a 2-step source run on 16 shapes images, 2 fine-tuning steps on the
+# relabelled example (16 + 8 images), evaluating the 8.
+FINETUNE_ENV = {
+    'MASKRCNN_NOTEBOOK_SOURCE_STEPS': '2',
+    'MASKRCNN_NOTEBOOK_STEPS': '2',
+    'MASKRCNN_NOTEBOOK_NUM_TRAIN': '16',
+    'MASKRCNN_NOTEBOOK_NUM_VAL': '8',
+    'MASKRCNN_NOTEBOOK_OVERRIDES': ('--config.train.per_device_batch_size=2 '
+                                    '--config.eval.per_device_batch_size=8'),
+}
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 
 
@@ -85,7 +97,8 @@ def _pngs(cell) -> list:
 
 
 def test_the_notebooks_are_there():
-  assert [p.name for p in NOTEBOOK_FILES] == ['quickstart.ipynb', 'torchvision_weights.ipynb']
+  assert [p.name for p in NOTEBOOK_FILES] == ['finetune_custom.ipynb', 'quickstart.ipynb',
+                                              'torchvision_weights.ipynb']
 
 
 @pytest.mark.parametrize('path', NOTEBOOK_FILES, ids=lambda p: p.name)
@@ -117,6 +130,23 @@ def test_quickstart(tmp_path):
   assert 'model of step 2' in _text(draw)
   assert len(_pngs(draw)) == 1
   assert (tmp_path / 'train.log').is_file()
+
+
+def test_finetune_custom(tmp_path):
+  """The default path: a source of 4 classes (3 shapes) fine-tuned to the 2-class example, so
+  the six class-dependent tensors are logged as not loaded."""
+  nb = _execute(NOTEBOOKS / 'finetune_custom.ipynb', FINETUNE_ENV, tmp_path)
+  outputs = '\n'.join(_text(c) for c in nb.cells if c.cell_type == 'code')
+  assert 'model.num_classes = 3' in outputs, outputs
+  skipped = re.findall(r'init: class-dependent .* not loaded: .* \(4 -> 3 classes\)',
+                       _text(_tagged(nb, 'finetune')))
+  assert len(skipped) == 6, _text(_tagged(nb, 'finetune'))
+  metrics = _text(_tagged(nb, 'metrics'))
+  assert re.search(r'step 2: box AP -?[\d.]+, mask AP -?[\d.]+', metrics), metrics
+  draw = _tagged(nb, 'draw')
+  assert "model of step 2, classes ['circle', 'polygon']" in _text(draw), _text(draw)
+  assert len(_pngs(draw)) == 1
+  assert (tmp_path / 'finetune.log').is_file() and (tmp_path / 'source.log').is_file()
 
 
 def test_torchvision_weights_synthetic(tmp_path):
