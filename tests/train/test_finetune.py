@@ -1,4 +1,5 @@
-"""Fine-tuning from a checkpoint of ours with another number of classes, on the real coco_sample.
+"""Fine-tuning from weights with another number of classes: a checkpoint of ours on the real
+coco_sample, and a 91-class torchvision-layout state dict on a small shapes dataset.
 
 The source is a configs/tiny_smoke.py model with 81 classes (seed 1) saved as the loop saves it;
 the run is the same architecture with the 91 classes coco_sample's category ids need, started
@@ -106,3 +107,54 @@ def test_finetune_81_to_91_classes_on_coco_sample(sample_data_dir, sample_source
   kernel = lambda s: np.asarray(s.params['fpn']['output_p2']['kernel'])
   np.testing.assert_array_equal(kernel(again), kernel(trained))
   assert not np.array_equal(kernel(again), source_vars['params']['fpn']['output_p2']['kernel'])
+
+
+def _module(path: pathlib.Path):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_finetune_torchvision_91_classes_to_a_4_class_dataset(tmp_path, caplog):
+  """A 91-class torchvision-layout state dict (synthetic values) into a 4-class model on a small
+  shapes dataset (3 categories): the class layers are skipped and logged, training runs and the
+  loss falls."""
+  import logging  # pylint: disable=import-outside-toplevel
+  from maskrcnn_jax.data import prepare, shapes  # pylint: disable=import-outside-toplevel
+  from maskrcnn_jax.weights import synthetic  # pylint: disable=import-outside-toplevel
+  raw, data_dir = tmp_path / 'raw', tmp_path / 'tfds'
+  shapes.main(['--output', str(raw), '--num_train', '8', '--num_val', '2', '--image_size', '96'])
+  prepare.prepare(str(data_dir), manual_dir=str(raw), name='shapes', show_progress=False)
+  init_tests = _module(ROOT / 'tests' / 'weights' / 'test_finetune_init.py')
+  names = init_tests._torchvision_names_and_shapes  # pylint: disable=protected-access
+  source = tmp_path / 'maskrcnn_91.npz'
+  np.savez(source, **synthetic.synthetic_torchvision_state_dict(
+      names(_config(91, str(data_dir)), 91), seed=3))
+
+  config = _config(4, str(data_dir))
+  config.data.tfds_name = 'coco_instances/shapes'
+  config.data.train_split = 'train'
+  config.init.torchvision_maskrcnn = str(source)
+  config.train.learning_rate = 0.002  # synthetic weights: a gentle start
+  validate_config(config)
+  train_source = experiment.build_source(config, 'train')
+  experiment.check_num_classes(config, train_source.metadata, 'shapes train')
+  with caplog.at_level(logging.INFO, logger='maskrcnn_jax.weights.transfer'):
+    job = loop.Run(config, str(tmp_path / 'finetune'))
+    state = job.initial_state()
+  skipped = [r.getMessage() for r in caplog.records if 'class-dependent' in r.getMessage()]
+  assert len(skipped) == 6 and all('91 -> 4 classes' in line for line in skipped), skipped
+  batch = next(experiment.build_train_iterator(
+      config, int(config.train.per_device_batch_size) * job.exp.num_devices,
+      source=train_source))
+  sharded = step_lib.shard(batch, step_lib.TRAIN_KEYS, job.exp.num_devices)
+  replicated = step_lib.replicate(state, job.exp.devices)
+  losses = []
+  for _ in range(STEPS):
+    replicated, m = job.exp.train_step(replicated, sharded)
+    losses.append(metrics_lib.scalars(jax.tree_util.tree_map(lambda x: x[0], m))['total_loss'])
+  job.manager.close()
+  assert np.isfinite(losses).all(), losses
+  assert losses[-1] < 0.9 * losses[0], losses
