@@ -11,7 +11,9 @@ maskrcnn_jax/train/benchmark.py, config.benchmark and bench/ for the side-by-sid
 
 The mode is config.mode (the reference's default: train_and_eval). eval evaluates the latest
 checkpoint in the workdir, or ``--config.eval.checkpoint_step=N``, or, in a workdir without
-checkpoints, the weights of ``--config.init.torchvision_maskrcnn``. Rerunning a command resumes from the latest checkpoint. Several hosts: start one process per host with the
+checkpoints, the weights of ``--config.init.torchvision_maskrcnn``. On a workdir with a recorded
+``config.json``, eval uses that config with the command's own ``--config.*`` flags on top and
+restores the model's variables only, so no training flag has to be repeated. Rerunning a command resumes from the latest checkpoint. Several hosts: start one process per host with the
 usual environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, or
 SLURM / Open MPI); each host reads its own share of every batch.
 """
@@ -67,6 +69,24 @@ def _hide_gpus_from_tensorflow() -> None:
   tf.config.set_visible_devices([], 'GPU')
 
 
+def _eval_config(config, workdir: str):
+  """``--config.mode=eval`` on a training workdir: the config the run recorded
+  (``<workdir>/config.json``, `maskrcnn_jax.inference.recorded_config`) with the keys this command
+  sets explicitly on top, so no training flag has to be repeated and a test-time setting can still
+  be changed. Other modes, and workdirs without a config.json, use the command line's config."""
+  if config.mode != 'eval' or not os.path.isfile(os.path.join(workdir, 'config.json')):
+    return config
+  from maskrcnn_jax import inference  # pylint: disable=import-outside-toplevel
+  merged = inference.recorded_config(workdir)
+  overrides = dict(config_flags.get_override_values(FLAGS['config']))
+  overrides['mode'] = 'eval'
+  merged.update_from_flattened_dict(overrides)
+  configs.validate_config(merged)
+  logging.info('eval: the config recorded in %s/config.json, with %s', workdir,
+               sorted(overrides))
+  return merged
+
+
 def main(argv) -> int:
   del argv
   config = FLAGS.config
@@ -91,10 +111,12 @@ def main(argv) -> int:
     _initialize_distributed(jax)
   logging.info('JAX %s, process %d of %d, local devices %s', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_devices())
+  from maskrcnn_jax import weights  # pylint: disable=import-outside-toplevel
   try:
+    config = _eval_config(config, FLAGS.workdir)
     result = loop.run(config, FLAGS.workdir)
   except (pipeline.DatasetNotPreparedError, checkpoint.NoCheckpointError,
-          loop.NonFiniteLossError) as e:
+          loop.NonFiniteLossError, configs.ConfigError, weights.WeightImportError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   if isinstance(result, dict):

@@ -210,3 +210,30 @@ def test_too_few_classes_is_a_clear_error_before_compiling(tmp_path, env, data_d
   assert "config key 'model.num_classes' = 4 is too small for dataset" in log
   assert 'model.num_classes >= 91' in log
   assert not (workdir / 'config.json').exists()  # nothing written for a run that cannot start
+
+
+def test_eval_uses_the_recorded_config_with_the_commands_overrides(reference_run, tmp_path, env,
+                                                                    data_dir):
+  """eval reads <workdir>/config.json (a value recorded there is used without a flag) and puts
+  the keys given on the command line on top."""
+  workdir = tmp_path / 'recorded'
+  shutil.copytree(reference_run[0] / 'checkpoints', workdir / 'checkpoints')
+  recorded = json.loads((reference_run[0] / 'config.json').read_text())
+  recorded['model']['test']['detections_per_image'] = 5
+  (workdir / 'config.json').write_text(json.dumps(recorded))
+
+  def per_image(step):
+    counts = {}
+    for r in json.loads((workdir / f'coco_results_step{step}.json').read_text()):
+      counts[r['image_id']] = counts.get(r['image_id'], 0) + 1
+    return counts
+
+  base = [sys.executable, '-m', 'maskrcnn_jax.main', '--config=configs/tiny_smoke.py',
+          f'--workdir={workdir}', '--config.mode=eval']
+  rc, log = _run(base + ['--config.eval.checkpoint_step=6'], env)
+  assert rc == 0, log[-5000:]
+  assert max(per_image(6).values()) == 5  # the recorded value (tiny's own is 10)
+  rc, log = _run(base + ['--config.eval.checkpoint_step=9',
+                         '--config.model.test.detections_per_image=3'], env)
+  assert rc == 0, log[-5000:]
+  assert max(per_image(9).values()) == 3  # the command line wins
