@@ -120,7 +120,7 @@ def load_image(image) -> Image.Image:
     with Image.open(image) as opened:
       return ImageOps.exif_transpose(opened).convert('RGB')
   if isinstance(image, Image.Image):
-    return image.convert('RGB')
+    return image if image.mode == 'RGB' else image.convert('RGB')
   array = np.asarray(image)
   if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
     raise ValueError(f'an image array must be uint8 (H, W, 3), got {array.dtype} {array.shape}')
@@ -231,9 +231,7 @@ class Predictor:
     for i in range(len(pil_images)):
       h, w = (int(v) for v in meta['original_sizes'][i])
       keep = np.asarray(out['valid'][i], bool) & (out['scores'][i] >= score_threshold)
-      # Evaluation's conversion (coco.detections_to_results): canvas -> original pixels, clipped.
-      boxes = np.clip(np.asarray(out['boxes'][i], np.float64) / float(meta['scales'][i]), 0.0,
-                      [w, h, w, h])
+      boxes = coco.original_boxes(out['boxes'][i], float(meta['scales'][i]), h, w)
       classes = np.asarray(out['classes'][i])[keep]
       ids = np.array([self.class_to_category.get(int(c), int(c)) for c in classes], np.int64)
       record = {'boxes': boxes[keep].astype(np.float32),

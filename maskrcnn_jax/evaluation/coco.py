@@ -125,6 +125,11 @@ def paste_binary_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width:
   return np.asfortranarray(pasted.transpose(1, 2, 0).astype(np.uint8))
 
 
+def original_boxes(boxes, scale: float, height: int, width: int) -> np.ndarray:
+  """(N, 4) xyxy canvas boxes -> float64 original-image pixels (/ scale), clipped to the image."""
+  return np.clip(np.asarray(boxes, np.float64) / scale, 0.0, [width, height, width, height])
+
+
 def detections_to_results(detections: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
                           class_to_category: Mapping[int, int], with_masks: bool = True
                           ) -> list[dict[str, Any]]:
@@ -147,9 +152,7 @@ def detections_to_results(detections: Mapping[str, np.ndarray], batch: Mapping[s
     if not valid.any():
       continue
     h, w = (int(v) for v in batch['original_sizes'][b])
-    scale = float(batch['scales'][b])
-    boxes = np.asarray(detections['boxes'][b][valid], np.float64) / scale
-    boxes = np.clip(boxes, 0.0, [w, h, w, h])
+    boxes = original_boxes(detections['boxes'][b][valid], float(batch['scales'][b]), h, w)
     scores = np.asarray(detections['scores'][b][valid], np.float64)
     classes = np.asarray(detections['classes'][b][valid])
     rles = None

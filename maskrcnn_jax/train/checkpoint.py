@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from maskrcnn_jax.weights import transfer
+
 
 class NoCheckpointError(FileNotFoundError):
   """The workdir holds no checkpoint (or not the requested step)."""
@@ -57,19 +59,17 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
 def checkpoint_steps(workdir: str) -> list[int]:
   """The steps with a committed checkpoint in ``<workdir>/checkpoints`` (sorted), read from the
   directory names without creating anything."""
-  directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n, 'default')))
+  return transfer.committed_steps(checkpoint_dir(workdir))
 
 
 def restore_variables(workdir: str, abstract_variables: Any, step: int | None = None
                       ) -> tuple[int, dict[str, Any]]:
   """(step, {'params', 'batch_stats'}) of a checkpoint, without the optimizer state.
 
-  Only the model's variables are read (Orbax partial restore), so the checkpoint of a run with any
-  optimizer settings restores into a model of the same architecture. `abstract_variables`: the
+  Only the model's variables are read (`maskrcnn_jax.weights.read_checkpoint_variables`), so the
+  checkpoint of a run with any optimizer settings restores into a model of the same
+  architecture; a checkpoint of another architecture is a `WeightImportError` naming the
+  parameters and shapes (`maskrcnn_jax.weights.from_variables`). `abstract_variables`: the
   ShapeDtypeStructs of the model's variables (``jax.eval_shape`` of its init); `step`: None or
   < 0 for the latest. Raises NoCheckpointError naming the directory and the steps available.
   """
@@ -81,13 +81,10 @@ def restore_variables(workdir: str, abstract_variables: Any, step: int | None = 
   elif step not in steps:
     raise NoCheckpointError(f'no checkpoint for step {step} in {checkpoint_dir(workdir)} '
                             f'(available: {steps})')
-  item = {'params': abstract_variables['params'],
-          'batch_stats': abstract_variables.get('batch_stats', {})}
   path = os.path.join(checkpoint_dir(workdir), str(step), 'default')
-  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True))
-  return int(step), {'params': restored['params'], 'batch_stats': restored['batch_stats']}
+  variables = transfer.from_variables(transfer.read_checkpoint_variables(path),
+                                      abstract_variables, source_name=f'checkpoint {path}')
+  return int(step), {'params': variables['params'], 'batch_stats': variables['batch_stats']}
 
 
 def abstract(tree: Any) -> Any:

@@ -121,10 +121,10 @@ def _save_config(config, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2))
 
 
-def _check_classes_and_save_categories(config, workdir: str) -> None:
-  """Fails (one line) when model.num_classes does not cover the training data's classes, before
-  anything compiles; records the category table beside the checkpoints (`inference.Predictor`)."""
-  source = experiment.build_source(config, config.data.train_split)
+def _check_classes_and_save_categories(config, workdir: str, source) -> None:
+  """Fails (one line) when model.num_classes does not cover the training data's classes (the
+  training `source`), before anything compiles; records the category table beside the
+  checkpoints (`inference.Predictor`)."""
   experiment.check_num_classes(config, source.metadata,
                                f'{config.data.tfds_name} ({config.data.train_split})')
   if jax.process_index() == 0:
@@ -136,7 +136,8 @@ def train(config, workdir: str, evaluate_every: bool = False) -> TrainResult:
   """Trains to config.train.total_steps (resuming), optionally evaluating as train_and_eval."""
   from clu import periodic_actions  # pylint: disable=import-outside-toplevel  # imports TensorFlow
   os.makedirs(workdir, exist_ok=True)
-  _check_classes_and_save_categories(config, workdir)
+  train_source = experiment.build_source(config, config.data.train_split)
+  _check_classes_and_save_categories(config, workdir, train_source)
   _save_config(config, workdir)
   job = Run(config, workdir)
   exp = job.exp
@@ -170,7 +171,8 @@ def train(config, workdir: str, evaluate_every: bool = False) -> TrainResult:
   batches = None
   if start < total:
     batches = step_lib.device_batches(
-        experiment.build_train_iterator(config, per_host, start), step_lib.TRAIN_KEYS,
+        experiment.build_train_iterator(config, per_host, start, source=train_source),
+        step_lib.TRAIN_KEYS,
         exp.devices)
   collection = None
   last_time, last_step = time.time(), start

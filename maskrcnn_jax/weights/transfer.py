@@ -131,6 +131,17 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
 
 
 # ------------------------------------------------------------------------------ our checkpoints
+def committed_steps(steps_dir: str | pathlib.Path) -> list[int]:
+  """The steps of a ``checkpoints`` directory whose save completed, sorted ([] when it does not
+  exist). Orbax writes a step under a temporary name and renames it when complete, so only
+  finished steps have a purely numeric name (with the item directory ``default`` inside)."""
+  steps_dir = pathlib.Path(steps_dir)
+  if not steps_dir.is_dir():
+    return []
+  return sorted(int(d.name) for d in steps_dir.iterdir()
+                if d.name.isdigit() and (d / 'default').is_dir())
+
+
 def checkpoint_item_dir(path: str | pathlib.Path) -> pathlib.Path:
   """The Orbax item directory (``.../<step>/default``) that ``path`` names.
 
@@ -149,15 +160,12 @@ def checkpoint_item_dir(path: str | pathlib.Path) -> pathlib.Path:
   if (p / 'default').is_dir():
     return p / 'default'
   steps_dir = p / 'checkpoints' if (p / 'checkpoints').is_dir() else p
-  # Orbax writes a step under a temporary name and renames it when complete, so only finished
-  # steps have a purely numeric name.
-  steps = [int(d.name) for d in steps_dir.iterdir()
-           if d.name.isdigit() and (d / 'default').is_dir()]
+  steps = committed_steps(steps_dir)
   if not steps:
     raise FileNotFoundError(
         f'no checkpoint under {p}: expected a workdir (<workdir>/checkpoints/<step>/default), '
         f'its checkpoints directory or a <step> directory')
-  return steps_dir / str(max(steps)) / 'default'
+  return steps_dir / str(steps[-1]) / 'default'
 
 
 def read_checkpoint_variables(path: str | pathlib.Path) -> dict[str, Any]:

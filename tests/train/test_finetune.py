@@ -51,6 +51,20 @@ def _is_class_layer(name):
   return any(f"['{layer}']" in name for layer in ('class_logits', 'box_deltas', 'mask_logits'))
 
 
+def _train_on_one_batch(job, config, state, source):
+  """STEPS updates of the run's own pmapped train step on the first batch of `source`: (the
+  replicated state, the total loss of each step)."""
+  batch = next(experiment.build_train_iterator(
+      config, int(config.train.per_device_batch_size) * job.exp.num_devices, source=source))
+  sharded = step_lib.shard(batch, step_lib.TRAIN_KEYS, job.exp.num_devices)
+  replicated = step_lib.replicate(state, job.exp.devices)
+  losses = []
+  for _ in range(STEPS):
+    replicated, m = job.exp.train_step(replicated, sharded)
+    losses.append(metrics_lib.scalars(jax.tree_util.tree_map(lambda x: x[0], m))['total_loss'])
+  return replicated, losses
+
+
 def test_finetune_81_to_91_classes_on_coco_sample(sample_data_dir, sample_source, tmp_path):
   # The source: 81 classes, saved as the training loop saves its state.
   source_config = _config(81, sample_data_dir, seed=1)
@@ -83,15 +97,7 @@ def test_finetune_81_to_91_classes_on_coco_sample(sample_data_dir, sample_source
     np.testing.assert_array_equal(v, _leaves(source_vars['batch_stats'])[k], err_msg=k)
 
   # A few steps of the run's own train step on one fixed coco_sample batch.
-  batch = next(experiment.build_train_iterator(
-      config, int(config.train.per_device_batch_size) * job.exp.num_devices,
-      source=sample_source))
-  sharded = step_lib.shard(batch, step_lib.TRAIN_KEYS, job.exp.num_devices)
-  replicated = step_lib.replicate(state, job.exp.devices)
-  losses = []
-  for _ in range(STEPS):
-    replicated, m = job.exp.train_step(replicated, sharded)
-    losses.append(metrics_lib.scalars(jax.tree_util.tree_map(lambda x: x[0], m))['total_loss'])
+  replicated, losses = _train_on_one_batch(job, config, state, sample_source)
   assert np.isfinite(losses).all(), losses
   assert losses[-1] < 0.9 * losses[0], losses
 
@@ -146,15 +152,7 @@ def test_finetune_torchvision_91_classes_to_a_4_class_dataset(tmp_path, caplog):
     state = job.initial_state()
   skipped = [r.getMessage() for r in caplog.records if 'class-dependent' in r.getMessage()]
   assert len(skipped) == 6 and all('91 -> 4 classes' in line for line in skipped), skipped
-  batch = next(experiment.build_train_iterator(
-      config, int(config.train.per_device_batch_size) * job.exp.num_devices,
-      source=train_source))
-  sharded = step_lib.shard(batch, step_lib.TRAIN_KEYS, job.exp.num_devices)
-  replicated = step_lib.replicate(state, job.exp.devices)
-  losses = []
-  for _ in range(STEPS):
-    replicated, m = job.exp.train_step(replicated, sharded)
-    losses.append(metrics_lib.scalars(jax.tree_util.tree_map(lambda x: x[0], m))['total_loss'])
+  _, losses = _train_on_one_batch(job, config, state, train_source)
   job.manager.close()
   assert np.isfinite(losses).all(), losses
   assert losses[-1] < 0.9 * losses[0], losses
