@@ -174,6 +174,9 @@ def get_config(arg=None):
   train.checkpoint_every_steps = 2500   # save_checkpoints_steps
   train.max_checkpoints_to_keep = 5
   train.log_every_steps = 100
+  # Resuming with a config that changes the state's structure or the data order (the model, batch,
+  # schedule, seed, dataset, device count) is an error naming each key; True resumes knowingly.
+  train.allow_config_changes = False
 
   # ---------------------------------------------------------------- evaluation
   evaluation = config.eval = ml_collections.ConfigDict()
@@ -181,6 +184,9 @@ def get_config(arg=None):
   evaluation.num_samples = 5000         # eval_samples
   evaluation.every_steps = 2500         # num_steps_per_eval
   evaluation.checkpoint_step = -1       # eval mode: -1 = the latest checkpoint
+  # COCOeval engine: 'pycocotools' (the reference) or 'faster_coco_eval' (the same 12 + 12
+  # stats, faster; docs/performance.md "COCO evaluation engines").
+  evaluation.engine = 'pycocotools'
 
   # ---------------------------------------------------------------- benchmark
   # --config.mode=benchmark_train | benchmark_inference (maskrcnn_jax.train.benchmark, result in

@@ -10,6 +10,8 @@ The images go through the evaluation path exactly: the same resize into ``config
 (`maskrcnn_jax.train.step.infer_step`), the same box rescaling, clipping and mask pasting
 (`maskrcnn_jax.evaluation.coco`), so a record holds what evaluation scores. Batches are padded to
 ``batch_size`` images, so one compiled function serves every call (the first call compiles).
+`CanvasPredictor` holds that resize, batching and post-processing around any function of a canvas
+batch; `Predictor` runs the model, `maskrcnn_jax.export.ExportedPredictor` an exported artifact.
 
 ``from_workdir`` rebuilds the model from the workdir's recorded ``config.json`` (keys added to the
 project since are taken from today's defaults, with a log line) and restores only its parameters
@@ -127,8 +129,111 @@ def load_image(image) -> Image.Image:
   return Image.fromarray(array)
 
 
-# ------------------------------------------------------------------------------ predictor
-class Predictor:
+# ------------------------------------------------------------------------------ predictors
+class CanvasPredictor:
+  """Images of any size -> instances in their own pixels, around a detections function at a fixed
+  canvas: the resize and pad into the canvas, the padding of batches to ``batch_size``, the boxes
+  back in original pixels and the pasted masks. `Predictor` (a model and its variables) and
+  `maskrcnn_jax.export.ExportedPredictor` (a serialized artifact) differ only in
+  `infer_canvas`.
+
+  Args:
+    canvas: (H, W) the detections function takes.
+    batch_size: images per call of the detections function.
+    class_to_category: class index -> category id (identity for missing indices).
+    category_names: category id -> name (None for missing ids).
+  """
+
+  def __init__(self, canvas: Sequence[int], batch_size: int, class_to_category: Mapping[int, int],
+               category_names: Mapping[int, str]):
+    self.canvas = tuple(int(v) for v in canvas)
+    self.batch_size = int(batch_size)
+    self.class_to_category = {int(k): int(v) for k, v in class_to_category.items()}
+    self.category_names = {int(k): str(v) for k, v in category_names.items()}
+
+  def infer_canvas(self, images: np.ndarray, image_sizes: np.ndarray) -> Mapping[str, Any]:
+    """The detections of one canvas batch: images (B, H, W, 3) uint8, image_sizes (B, 2) int32
+    -> boxes (B, D, 4) xyxy canvas pixels, scores (B, D), classes (B, D), masks (B, D, M, M)
+    probabilities, valid (B, D) (`maskrcnn_jax.train.step.infer_step`)."""
+    raise NotImplementedError
+
+  def predict(self, images, score_threshold: float = 0.5, with_masks: bool = True
+              ) -> list[dict[str, Any]]:
+    """Instances of each image (one record per image, in order).
+
+    Args:
+      images: one image or a sequence of them: paths, PIL images or uint8 (H, W, 3) arrays.
+      score_threshold: keep detections scoring at least this.
+      with_masks: paste the masks at the original size (the slow part on a CPU).
+
+    Returns:
+      Records with ``boxes`` (N, 4) float32 xyxy original pixels (clipped to the image),
+      ``scores`` (N,) float32, ``category_ids`` (N,) int64, ``category_names`` (N strings, or
+      None where unknown), ``masks`` (N, H, W) bool at the original size (with masks), and
+      ``image_size`` (H, W). Detections are in descending score order.
+    """
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+      images = [images]
+    records = []
+    for chunk in _chunks(list(images), self.batch_size):
+      records.extend(self._predict_batch([load_image(i) for i in chunk], score_threshold,
+                                         with_masks))
+    return records
+
+  def canvas_batch(self, pil_images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+    """One batch on the canvas, padded to ``batch_size`` images: images (B, H, W, 3) uint8 (each
+    resized into the canvas as evaluation does, top-left, zero padded), image_sizes (B, 2) int32
+    (h, w) of each resized image (0 for padding slots), and the host fields image_ids (0),
+    original_sizes (B, 2) int32 (height, width), scales (B,) float32, example_valid (B,) bool."""
+    b, (h, w) = self.batch_size, self.canvas
+    if len(pil_images) > b:
+      raise ValueError(f'{len(pil_images)} images for a batch of {b}')
+    batch = {'images': np.zeros((b, h, w, 3), np.uint8),
+             'image_sizes': np.zeros((b, 2), np.int32),
+             'image_ids': np.zeros((b,), np.int64),
+             'original_sizes': np.zeros((b, 2), np.int32),
+             'scales': np.ones((b,), np.float32),
+             'example_valid': np.zeros((b,), bool)}
+    for i, image in enumerate(pil_images):
+      pixels, scale = preprocess.resize_to_canvas(image, self.canvas)
+      batch['images'][i, :pixels.shape[0], :pixels.shape[1]] = pixels
+      batch['image_sizes'][i] = pixels.shape[:2]
+      batch['original_sizes'][i] = (image.height, image.width)
+      batch['scales'][i] = scale
+      batch['example_valid'][i] = True
+    return batch
+
+  def detections(self, pil_images: Sequence[Image.Image]) -> tuple[dict, dict]:
+    """The inference step on one batch: (detections with the batch's leading axis as NumPy, the
+    batch's host fields image_ids (0), original_sizes, scales, example_valid)."""
+    batch = self.canvas_batch(pil_images)
+    out = self.infer_canvas(batch['images'], batch['image_sizes'])
+    meta = {k: batch[k] for k in ('image_ids', 'original_sizes', 'scales', 'example_valid')}
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(dict(out))), meta
+
+  def _predict_batch(self, pil_images, score_threshold: float, with_masks: bool):
+    out, meta = self.detections(pil_images)
+    records = []
+    for i in range(len(pil_images)):
+      h, w = (int(v) for v in meta['original_sizes'][i])
+      keep = np.asarray(out['valid'][i], bool) & (out['scores'][i] >= score_threshold)
+      boxes = coco.original_boxes(out['boxes'][i], float(meta['scales'][i]), h, w)
+      classes = np.asarray(out['classes'][i])[keep]
+      ids = np.array([self.class_to_category.get(int(c), int(c)) for c in classes], np.int64)
+      record = {'boxes': boxes[keep].astype(np.float32),
+                'scores': np.asarray(out['scores'][i])[keep].astype(np.float32),
+                'category_ids': ids,
+                'category_names': [self.category_names.get(int(c)) for c in ids],
+                'image_size': (h, w)}
+      if with_masks:
+        all_boxes = np.where(keep[:, None], boxes, 0.0).astype(np.float32)  # one compiled shape
+        pasted = coco.paste_binary_masks(out['masks'][i], all_boxes, h, w)
+        record['masks'] = np.ascontiguousarray(pasted.transpose(2, 0, 1)[keep]).astype(bool)
+      records.append(record)
+    return records
+
+
+class Predictor(CanvasPredictor):
   """A model with its variables and category table, for images of any size.
 
   Args:
@@ -141,18 +246,19 @@ class Predictor:
 
   def __init__(self, config, variables: Mapping[str, Any], *,
                metadata: Mapping[str, Any] | None = None, batch_size: int = 1):
+    super().__init__(
+        config.data.image_size, batch_size,
+        (coco.class_to_category_map(metadata) if metadata else
+         {k: k for k in range(int(config.model.num_classes))}),
+        {int(c['id']): str(c.get('name', c['id'])) for c in (metadata or {}).get('categories', [])})
     self.config = config
     self.model = experiment.build_model(config)
-    self.canvas = tuple(int(v) for v in config.data.image_size)
-    self.batch_size = int(batch_size)
     self.variables = jax.device_put(dict(variables))
-    self.class_to_category = (coco.class_to_category_map(metadata) if metadata else
-                              {k: k for k in range(int(config.model.num_classes))})
-    self.category_names = {int(c['id']): str(c.get('name', c['id']))
-                           for c in (metadata or {}).get('categories', [])}
-    self._infer = jax.jit(step_lib.make_infer_step(
+    # (variables, {'images', 'image_sizes'}) -> detections; `maskrcnn_jax.export` exports it.
+    self.infer_step = step_lib.make_infer_step(
         self.model, tuple(config.data.pixel_mean), tuple(config.data.pixel_std),
-        modeling.DTYPES[config.model.precision]))
+        modeling.DTYPES[config.model.precision])
+    self._infer = jax.jit(self.infer_step)
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, **kwargs) -> 'Predictor':
@@ -179,72 +285,8 @@ class Predictor:
     variables = experiment.build_initial_variables(config, model, jax.random.PRNGKey(0))
     return cls(config, variables, **kwargs)
 
-  def predict(self, images, score_threshold: float = 0.5, with_masks: bool = True
-              ) -> list[dict[str, Any]]:
-    """Instances of each image (one record per image, in order).
-
-    Args:
-      images: one image or a sequence of them: paths, PIL images or uint8 (H, W, 3) arrays.
-      score_threshold: keep detections scoring at least this.
-      with_masks: paste the masks at the original size (the slow part on a CPU).
-
-    Returns:
-      Records with ``boxes`` (N, 4) float32 xyxy original pixels (clipped to the image),
-      ``scores`` (N,) float32, ``category_ids`` (N,) int64, ``category_names`` (N strings, or
-      None where unknown), ``masks`` (N, H, W) bool at the original size (with masks), and
-      ``image_size`` (H, W). Detections are in descending score order.
-    """
-    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
-      images = [images]
-    records = []
-    for chunk in _chunks(list(images), self.batch_size):
-      records.extend(self._predict_batch([load_image(i) for i in chunk], score_threshold,
-                                         with_masks))
-    return records
-
-  def detections(self, pil_images: Sequence[Image.Image]) -> tuple[dict, dict]:
-    """The inference step on one batch: (detections with the batch's leading axis as NumPy, the
-    batch's host fields image_ids (0), original_sizes, scales, example_valid)."""
-    b, (h, w) = self.batch_size, self.canvas
-    if len(pil_images) > b:
-      raise ValueError(f'{len(pil_images)} images for a batch of {b}')
-    batch = {'images': np.zeros((b, h, w, 3), np.uint8),
-             'image_sizes': np.zeros((b, 2), np.int32),
-             'image_ids': np.zeros((b,), np.int64),
-             'original_sizes': np.zeros((b, 2), np.int32),
-             'scales': np.ones((b,), np.float32),
-             'example_valid': np.zeros((b,), bool)}
-    for i, image in enumerate(pil_images):
-      pixels, scale = preprocess.resize_to_canvas(image, self.canvas)
-      batch['images'][i, :pixels.shape[0], :pixels.shape[1]] = pixels
-      batch['image_sizes'][i] = pixels.shape[:2]
-      batch['original_sizes'][i] = (image.height, image.width)
-      batch['scales'][i] = scale
-      batch['example_valid'][i] = True
-    out = self._infer(self.variables, {k: batch[k] for k in ('images', 'image_sizes')})
-    meta = {k: batch[k] for k in ('image_ids', 'original_sizes', 'scales', 'example_valid')}
-    return jax.tree_util.tree_map(np.asarray, jax.device_get(out)), meta
-
-  def _predict_batch(self, pil_images, score_threshold: float, with_masks: bool):
-    out, meta = self.detections(pil_images)
-    records = []
-    for i in range(len(pil_images)):
-      h, w = (int(v) for v in meta['original_sizes'][i])
-      keep = np.asarray(out['valid'][i], bool) & (out['scores'][i] >= score_threshold)
-      boxes = coco.original_boxes(out['boxes'][i], float(meta['scales'][i]), h, w)
-      classes = np.asarray(out['classes'][i])[keep]
-      ids = np.array([self.class_to_category.get(int(c), int(c)) for c in classes], np.int64)
-      record = {'boxes': boxes[keep].astype(np.float32),
-                'scores': np.asarray(out['scores'][i])[keep].astype(np.float32),
-                'category_ids': ids,
-                'category_names': [self.category_names.get(int(c)) for c in ids],
-                'image_size': (h, w)}
-      if with_masks:
-        all_boxes = np.where(keep[:, None], boxes, 0.0).astype(np.float32)  # one compiled shape
-        pasted = coco.paste_binary_masks(out['masks'][i], all_boxes, h, w)
-        record['masks'] = np.ascontiguousarray(pasted.transpose(2, 0, 1)[keep]).astype(bool)
-      records.append(record)
-    return records
+  def infer_canvas(self, images: np.ndarray, image_sizes: np.ndarray) -> Mapping[str, Any]:
+    return self._infer(self.variables, {'images': images, 'image_sizes': image_sizes})
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:

@@ -13,8 +13,14 @@ The mode is config.mode (the reference's default: train_and_eval). eval evaluate
 checkpoint in the workdir, or ``--config.eval.checkpoint_step=N``, or, in a workdir without
 checkpoints, the weights of ``--config.init.torchvision_maskrcnn``. On a workdir with a recorded
 ``config.json``, eval uses that config with the command's own ``--config.*`` flags on top and
-restores the model's variables only, so no training flag has to be repeated. Rerunning a command resumes from the latest checkpoint. Several hosts: start one process per host with the
-usual environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, or
+restores the model's variables only, so no training flag has to be repeated.
+
+Rerunning a command resumes from the latest usable checkpoint, after checking that the config
+changes nothing the checkpoints depend on (`maskrcnn_jax.train.resume`). SIGTERM, SIGUSR1 and
+SIGINT stop a run cleanly with a checkpoint at the step reached (`maskrcnn_jax.train.preemption`:
+exit status 0, or 130 for SIGINT). ``--log_libraries`` keeps the libraries' INFO lines.
+
+Several hosts: start one process per host with the usual environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, or
 SLURM / Open MPI); each host reads its own share of every batch.
 """
 
@@ -34,6 +40,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+flags.DEFINE_bool('log_libraries', False, "Keep the libraries' INFO lines (Orbax, TFDS, clu) "
+                  'in the log; by default only their warnings and errors show.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -101,6 +109,10 @@ def main(argv) -> int:
   from maskrcnn_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   from maskrcnn_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
   from maskrcnn_jax.train import loop  # pylint: disable=import-outside-toplevel
+  from maskrcnn_jax.train import preemption  # pylint: disable=import-outside-toplevel
+  from maskrcnn_jax.train import progress  # pylint: disable=import-outside-toplevel
+  if not FLAGS.log_libraries:
+    progress.quiet_libraries()
   try:
     loop.check_mode(config)
   except configs.ConfigError as e:
@@ -115,7 +127,11 @@ def main(argv) -> int:
   try:
     config = _eval_config(config, FLAGS.workdir)
     result = loop.run(config, FLAGS.workdir)
+  except preemption.Preempted as e:
+    print(e, file=sys.stderr)
+    return e.exit_status
   except (pipeline.DatasetNotPreparedError, checkpoint.NoCheckpointError,
+          checkpoint.CorruptCheckpointError, checkpoint.CheckpointSaveError,
           loop.NonFiniteLossError, configs.ConfigError, weights.WeightImportError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

@@ -3,8 +3,13 @@ dataset once per test session (per pytest-xdist worker)."""
 
 import os
 import pathlib
+import sys
 
 import pytest
+
+# The command-line fixtures (env, data_dir, reference_run) for every test module.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from cli_runs import data_dir, env, reference_run  # noqa: F401,E402  pylint: disable=unused-import
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / 'data' / 'coco_sample'
@@ -14,9 +19,9 @@ SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / 'data' / 'coco_sample'
 def sample_data_dir(tmp_path_factory):
   """TFDS data_dir holding coco_instances/coco2017 (split 'validation') built from coco_sample."""
   from maskrcnn_jax.data import prepare  # pylint: disable=import-outside-toplevel
-  data_dir = tmp_path_factory.mktemp('tfds')
-  prepare.prepare(str(data_dir), manual_dir=str(SAMPLE_DIR), show_progress=False)
-  return str(data_dir)
+  directory = tmp_path_factory.mktemp('tfds')
+  prepare.prepare(str(directory), manual_dir=str(SAMPLE_DIR), show_progress=False)
+  return str(directory)
 
 
 @pytest.fixture(scope='session')

@@ -12,11 +12,8 @@ with exactly the parameters of the uninterrupted run; eval of a chosen checkpoin
 eval without a checkpoint, an unknown config key and a dataset that is not prepared.
 """
 
-import contextlib
-import fcntl
 import json
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -24,105 +21,13 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SAMPLE_DIR = REPO / 'tests' / 'data' / 'coco_sample'
-TOTAL_STEPS = 12
-CKPT_EVERY = 3
-
-
-def _shared_dir(tmp_path_factory) -> pathlib.Path:
-  """A directory shared by the pytest-xdist workers of this session (the session's own otherwise).
-
-  Module fixtures run once per worker; the expensive ones below (dataset, compilation cache, the
-  reference run) are built once under a file lock and reused by the other worker.
-  """
-  base = tmp_path_factory.getbasetemp()
-  return base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
-
-
-@contextlib.contextmanager
-def _locked(path: pathlib.Path):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, 'w') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  root = _shared_dir(tmp_path_factory) / 'main_shared'
-  e = dict(os.environ)
-  e.update(TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu',
-           JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  return e
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  root = _shared_dir(tmp_path_factory) / 'main_shared'
-  d = root / 'tfds'
-  with _locked(root / 'tfds.lock'):
-    if not (root / 'tfds.done').exists():
-      from maskrcnn_jax.data import prepare  # pylint: disable=import-outside-toplevel
-      prepare.prepare(str(d), manual_dir=str(SAMPLE_DIR), show_progress=False)
-      (root / 'tfds.done').touch()
-  return str(d)
-
-
-def _command(workdir, data_dir, *overrides):
-  return [sys.executable, '-m', 'maskrcnn_jax.main', '--config=configs/tiny_smoke.py',
-          f'--workdir={workdir}', f'--config.data.tfds_data_dir={data_dir}',
-          '--config.data.train_split=validation',
-          '--config.data.num_workers=1',
-          f'--config.train.total_steps={TOTAL_STEPS}',
-          f'--config.train.checkpoint_every_steps={CKPT_EVERY}',
-          f'--config.eval.every_steps={TOTAL_STEPS}',
-          '--config.train.learning_rate_steps=(8,)', *overrides]
-
-
-def _run(cmd, env, timeout=300):
-  out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-  return out.returncode, out.stdout + out.stderr
-
-
-def _params(workdir, step):
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  path = pathlib.Path(workdir) / 'checkpoints' / str(step) / 'default'
-  with ocp.StandardCheckpointer() as checkpointer:
-    tree = checkpointer.restore(path)
-  import jax  # pylint: disable=import-outside-toplevel
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_leaves_with_path(tree['params'])}
-
-
-def _steps(workdir):
-  d = pathlib.Path(workdir) / 'checkpoints'
-  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
-
-
-@pytest.fixture(scope='module')
-def reference_run(tmp_path_factory, env, data_dir):
-  """An uninterrupted train_and_eval run (once per session, shared by the xdist workers)."""
-  root = _shared_dir(tmp_path_factory) / 'main_shared'
-  workdir = root / 'reference'
-  with _locked(root / 'reference.lock'):
-    if not (root / 'reference.log').exists():
-      rc, log = _run(_command(workdir, data_dir), env)
-      assert rc == 0, log[-5000:]
-      (root / 'reference.log').write_text(log)
-  return workdir, (root / 'reference.log').read_text()
+from cli_runs import REPO, TOTAL_STEPS, command, params, run_cli, steps
 
 
 def test_train_and_eval_writes_checkpoints_results_and_metrics(reference_run):
   workdir, log = reference_run
-  assert _steps(workdir) == [3, 6, 9, 12]
+  assert steps(workdir) == [3, 6, 9, 12]
   results = json.loads((workdir / f'coco_results_step{TOTAL_STEPS}.json').read_text())
   assert isinstance(results, list)
   for r in results[:5]:
@@ -140,25 +45,25 @@ def test_train_and_eval_writes_checkpoints_results_and_metrics(reference_run):
 def test_killed_run_resumes_and_matches_the_uninterrupted_run(reference_run, tmp_path, env,
                                                               data_dir):
   workdir = tmp_path / 'killed'
-  cmd = _command(workdir, data_dir)
+  cmd = command(workdir, data_dir)
   proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 240
-    while not _steps(workdir) and time.time() < deadline and proc.poll() is None:
+    while not steps(workdir) and time.time() < deadline and proc.poll() is None:
       time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
   finally:
     proc.wait()
-  killed_at = _steps(workdir)
+  killed_at = steps(workdir)
   assert killed_at and killed_at[-1] < TOTAL_STEPS, killed_at
   assert proc.returncode == -signal.SIGKILL
-  rc, log = _run(cmd, env)
+  rc, log = run_cli(cmd, env)
   assert rc == 0, log[-5000:]
   assert f'resuming from {workdir / "checkpoints"} step {killed_at[-1]}' in log
-  assert _steps(workdir)[-1] == TOTAL_STEPS
-  expected = _params(reference_run[0], TOTAL_STEPS)
-  got = _params(workdir, TOTAL_STEPS)
+  assert steps(workdir)[-1] == TOTAL_STEPS
+  expected = params(reference_run[0], TOTAL_STEPS)
+  got = params(workdir, TOTAL_STEPS)
   assert expected.keys() == got.keys()
   for name in expected:
     np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
@@ -170,7 +75,7 @@ def test_eval_of_a_chosen_checkpoint(reference_run, tmp_path, env, data_dir):
   shutil.copytree(reference_run[0] / 'checkpoints', workdir / 'checkpoints')
   # Clipping adds a stage to the optimizer the checkpoint was trained without: eval restores the
   # model's variables only, so optimizer settings that differ from training's do not matter.
-  rc, log = _run(_command(workdir, data_dir, '--config.mode=eval',
+  rc, log = run_cli(command(workdir, data_dir, '--config.mode=eval',
                           '--config.eval.checkpoint_step=6',
                           '--config.train.gradient_clip_norm=10.0'), env)
   assert rc == 0, log[-5000:]
@@ -180,32 +85,32 @@ def test_eval_of_a_chosen_checkpoint(reference_run, tmp_path, env, data_dir):
 
 
 def test_eval_without_checkpoint_is_a_clear_error(tmp_path, env, data_dir):
-  rc, log = _run(_command(tmp_path / 'empty', data_dir, '--config.mode=eval'), env)
+  rc, log = run_cli(command(tmp_path / 'empty', data_dir, '--config.mode=eval'), env)
   assert rc == 1
   assert 'error: no checkpoint in' in log
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path, env, data_dir):
-  rc, log = _run(_command(tmp_path, data_dir, '--config.train.no_such_key=3'), env)
+  rc, log = run_cli(command(tmp_path, data_dir, '--config.train.no_such_key=3'), env)
   assert rc != 0
   assert 'no_such_key' in log
 
 
 def test_invalid_config_value_is_a_clear_error(tmp_path, env, data_dir):
-  rc, log = _run(_command(tmp_path, data_dir, '--config.train.warmup_steps=100'), env)
+  rc, log = run_cli(command(tmp_path, data_dir, '--config.train.warmup_steps=100'), env)
   assert rc == 2
   assert "invalid config: config key 'train.warmup_steps'" in log
 
 
 def test_unprepared_dataset_is_a_clear_error(tmp_path, env):
-  rc, log = _run(_command(tmp_path / 'work', tmp_path / 'no_tfds'), env)
+  rc, log = run_cli(command(tmp_path / 'work', tmp_path / 'no_tfds'), env)
   assert rc == 1
   assert 'is not prepared' in log and 'maskrcnn_jax.data.prepare' in log
 
 
 def test_too_few_classes_is_a_clear_error_before_compiling(tmp_path, env, data_dir):
   workdir = tmp_path / 'work'
-  rc, log = _run(_command(workdir, data_dir, '--config.model.num_classes=4'), env)
+  rc, log = run_cli(command(workdir, data_dir, '--config.model.num_classes=4'), env)
   assert rc != 0
   assert "config key 'model.num_classes' = 4 is too small for dataset" in log
   assert 'model.num_classes >= 91' in log
@@ -230,10 +135,10 @@ def test_eval_uses_the_recorded_config_with_the_commands_overrides(reference_run
 
   base = [sys.executable, '-m', 'maskrcnn_jax.main', '--config=configs/tiny_smoke.py',
           f'--workdir={workdir}', '--config.mode=eval']
-  rc, log = _run(base + ['--config.eval.checkpoint_step=6'], env)
+  rc, log = run_cli(base + ['--config.eval.checkpoint_step=6'], env)
   assert rc == 0, log[-5000:]
   assert max(per_image(6).values()) == 5  # the recorded value (tiny's own is 10)
-  rc, log = _run(base + ['--config.eval.checkpoint_step=9',
+  rc, log = run_cli(base + ['--config.eval.checkpoint_step=9',
                          '--config.model.test.detections_per_image=3'], env)
   assert rc == 0, log[-5000:]
   assert max(per_image(9).values()) == 3  # the command line wins

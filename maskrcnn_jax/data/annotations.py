@@ -21,10 +21,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 from pycocotools import mask as mask_util
 
 # COCO's own category ids are 1..90 (80 used); with num_classes = 91 they are class indices as is.
 MAX_IDENTITY_CATEGORY_ID = 90
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 = as stored, 2..8 = flipped and/or rotated
 
 
 class DatasetError(ValueError):
@@ -42,6 +44,8 @@ class SplitStats:
   dropped_polygons: int = 0           # polygon parts with fewer than 3 points
   dropped_objects_without_mask: int = 0  # all polygon parts dropped, or no segmentation at all
   converted_images: int = 0           # grayscale, RGBA, CMYK, PNG... re-encoded as RGB JPEG
+  exif_rotated: int = 0               # EXIF orientation applied (the annotation fits it)
+  exif_kept_raw: int = 0              # EXIF orientation ignored: the annotation fits the raw pixels
 
   def as_dict(self) -> dict[str, int]:
     return dataclasses.asdict(self)
@@ -106,7 +110,8 @@ def index_annotations(data: dict[str, Any], path: str, category_ids: set[int]
   """Checks images and annotations; returns (images sorted by id, annotations per image id).
 
   Raises `DatasetError` for an image without id/file_name/height/width, a duplicate image id,
-  or an annotation (named by its id) referencing an unknown image or category.
+  an annotation (named by its id) referencing an unknown image or category, or an annotation id
+  used twice (named with both image ids: evaluation matches detections to annotations by id).
   """
   images = {}
   for img in data['images']:
@@ -117,11 +122,17 @@ def index_annotations(data: dict[str, Any], path: str, category_ids: set[int]
       raise DatasetError(f'{path}: duplicate image id {img["id"]}')
     images[img['id']] = img
   per_image = {i: [] for i in images}
+  image_of = {}  # annotation id -> image id
   for ann in data['annotations']:
     ann_id = ann.get('id')
     if ann.get('image_id') not in images:
       raise DatasetError(f'{path}: annotation id {ann_id} references unknown image id '
                          f'{ann.get("image_id")!r}')
+    if ann_id is not None:
+      if ann_id in image_of:
+        raise DatasetError(f'{path}: duplicate annotation id {ann_id} (in image id '
+                           f'{image_of[ann_id]} and image id {ann["image_id"]})')
+      image_of[ann_id] = ann['image_id']
     if ann.get('category_id') not in category_ids:
       raise DatasetError(f'{path}: annotation id {ann_id} references unknown category id '
                          f'{ann.get("category_id")!r}')
@@ -131,13 +142,19 @@ def index_annotations(data: dict[str, Any], path: str, category_ids: set[int]
   return [images[i] for i in sorted(images)], per_image
 
 
-def read_image(image_dir: str, image: dict[str, Any]) -> tuple[bytes, bool]:
-  """Reads and fully decodes one image file to check it; returns (RGB JPEG bytes, converted).
+def read_image(image_dir: str, image: dict[str, Any], stats: SplitStats) -> bytes:
+  """Reads and fully decodes one image file to check it; returns RGB JPEG bytes.
 
-  RGB JPEG files pass through byte for byte; any other mode (L, LA, RGBA, P, CMYK, I;16...) or
-  format (PNG, BMP...) is converted to RGB and re-encoded as JPEG (quality 95). Raises
-  `DatasetError` naming the file and the image id when the file is missing, cannot be decoded,
-  or its size differs from the annotation file's height and width.
+  The pixels are those the annotations refer to, with no EXIF orientation left to apply: an
+  image whose EXIF orientation (2..8) turns it into the annotation file's height and width is
+  turned (``ImageOps.exif_transpose``, as viewers and detectron2 do; counted in
+  ``stats.exif_rotated``); one whose raw pixels only have that size keeps them
+  (``stats.exif_kept_raw``); both are re-encoded without the tag (JPEG quality 95). RGB JPEG files
+  without an orientation pass through byte for byte; any other mode (L, LA, RGBA, P, CMYK,
+  I;16...) or format (PNG, BMP...) is converted to RGB and re-encoded as JPEG (quality 95;
+  ``stats.converted_images``). Raises `DatasetError` naming the file and the image id when the
+  file is missing, cannot be decoded, or its size (raw or turned) differs from the annotation
+  file's height and width.
   """
   file_path = os.path.join(image_dir, image['file_name'])
   if not os.path.isfile(file_path):
@@ -150,12 +167,32 @@ def read_image(image_dir: str, image: dict[str, Any]) -> tuple[bytes, bool]:
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
     raise DatasetError(f'cannot decode image file {file_path} (image id {image["id"]}): {e}'
                        ) from e
-  if (pil.height, pil.width) != (image['height'], image['width']):
+  try:
+    orientation = pil.getexif().get(EXIF_ORIENTATION, 1)
+  except Exception:  # pylint: disable=broad-except  # unreadable EXIF: viewers ignore it too
+    orientation = 1
+  expected = (image['height'], image['width'])
+  oriented = orientation in range(2, 9)
+  converted = not (pil.format == 'JPEG' and pil.mode == 'RGB')
+  if oriented:
+    shown = ImageOps.exif_transpose(pil)
+    if (shown.height, shown.width) == expected:
+      pil = shown
+      stats.exif_rotated += 1
+    elif (pil.height, pil.width) == expected:
+      stats.exif_kept_raw += 1
+    else:
+      raise DatasetError(
+          f'image file {file_path} (image id {image["id"]}) is {pil.height}x{pil.width} '
+          f'({shown.height}x{shown.width} with its EXIF orientation {orientation} applied) but '
+          f'the annotation file says {image["height"]}x{image["width"]}')
+  elif (pil.height, pil.width) != expected:
     raise DatasetError(
         f'image file {file_path} (image id {image["id"]}) is {pil.height}x{pil.width} but the '
         f'annotation file says {image["height"]}x{image["width"]}')
-  if pil.format == 'JPEG' and pil.mode == 'RGB':
-    return raw, False
+  if not (converted or oriented):
+    return raw
+  stats.converted_images += int(converted)
   if pil.mode in ('RGBA', 'LA') or (pil.mode == 'P' and 'transparency' in pil.info):
     # Composite on white rather than dropping alpha, which leaves undefined colours behind.
     rgba = pil.convert('RGBA')
@@ -168,8 +205,8 @@ def read_image(image_dir: str, image: dict[str, Any]) -> tuple[bytes, bool]:
   else:
     rgb = pil.convert('RGB')
   buf = io.BytesIO()
-  rgb.save(buf, format='JPEG', quality=95)
-  return buf.getvalue(), True
+  rgb.save(buf, format='JPEG', quality=95)  # no exif= argument: the orientation tag is gone
+  return buf.getvalue()
 
 
 def _mask_rle(ann: dict[str, Any], height: int, width: int, path: str, stats: SplitStats

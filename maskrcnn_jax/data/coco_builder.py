@@ -12,7 +12,8 @@ and image folder given to `CocoInstancesConfig` (see `config_from_paths` and
 ``python -m maskrcnn_jax.data.prepare``).
 
 Features of one example (one image):
-  image       encoded RGB JPEG (non-RGB or non-JPEG files are converted when prepared)
+  image       encoded RGB JPEG without EXIF orientation (non-RGB or non-JPEG files are converted
+              and EXIF orientations applied when prepared, `annotations.read_image`)
   image_id    int64, file_name text, height / width int32 (original size)
   objects     sequence of: id int64 (annotation id), bbox (TFDS normalized yxyx float32, clipped),
               category_id int64 (COCO id), label int64 (class index, see the metadata),
@@ -22,7 +23,9 @@ Features of one example (one image):
 Records are written in ascending image-id order (``disable_shuffling``: the input pipeline shuffles
 by index itself), so record ``i`` of a split is ``metadata['splits'][split]['image_ids'][i]``.
 The metadata (``metadata.json`` in the dataset directory) also holds the category table and
-mapping (`annotations.category_table`) and per-split counts of what was dropped or clipped.
+mapping (`annotations.category_table`), per-split counts of what was dropped, clipped, converted
+or turned by its EXIF orientation, and the fingerprint of the inputs (``inputs``, see
+`fingerprint`).
 
 TFDS writes into a temporary directory and renames it only when every split is complete, so a
 failed build is never seen as a prepared dataset.
@@ -39,6 +42,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from maskrcnn_jax.data import annotations as ann_lib
+from maskrcnn_jax.data import fingerprint
 
 COCO_SPLITS = {  # split -> (annotation file, image folder) relative to manual_dir
     'train': ('annotations/instances_train2017.json', 'train2017'),
@@ -118,7 +122,8 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
         homepage='https://cocodataset.org',
     )
 
-  def _split_paths(self, manual_dir) -> dict[str, tuple[str, str]]:
+  def split_paths(self, manual_dir) -> dict[str, tuple[str, str]]:
+    """{split: (annotation file, image folder)} this builder reads from manual_dir."""
     manual_dir = os.fspath(manual_dir) if manual_dir else ''
     if self.builder_config.paths:
       return {split: tuple(os.path.join(manual_dir, p) for p in pair)
@@ -133,8 +138,11 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
     return found
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    paths = self._split_paths(dl_manager.manual_dir)
+    paths = self.split_paths(dl_manager.manual_dir)
     loaded = {split: ann_lib.load_json(ann) for split, (ann, _) in paths.items()}
+    self.info.metadata['inputs'] = fingerprint.inputs(
+        {split: fingerprint.split_inputs(ann, img, loaded[split]['images'])
+         for split, (ann, img) in paths.items()})
     # One category table for the dataset: every split must declare the same category ids.
     first = next(iter(paths))
     table = ann_lib.category_table(loaded[first]['categories'], paths[first][0])
@@ -160,8 +168,7 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
                          disable=not self._show_progress)
     for index, image in enumerate(progress):
       height, width = int(image['height']), int(image['width'])
-      encoded, converted = ann_lib.read_image(image_dir, image)
-      stats.converted_images += int(converted)
+      encoded = ann_lib.read_image(image_dir, image, stats)
       objects = ann_lib.example_objects(per_image[image['id']], height, width, to_class,
                                         ann_path, stats)
       stats.num_images += 1

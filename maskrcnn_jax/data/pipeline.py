@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import functools
 import json
+import logging
 import os
 from typing import Any, Callable, Iterator
 
@@ -107,6 +108,22 @@ def trainable_indices(source: Source, skip_crowd: bool, keep_empty: bool) -> np.
   """Record indices used for training: those with ground truth, unless keep_empty. (K,) int64."""
   usable = source.num_objects - (source.num_crowd_objects if skip_crowd else 0)
   return np.flatnonzero((usable > 0) | keep_empty).astype(np.int64)
+
+
+def objects_over_cap(split_metadata: dict[str, Any], max_instances: int, skip_crowd: bool
+                     ) -> tuple[int, int]:
+  """(images, objects) beyond max_instances objects per image in one split of the metadata.
+
+  split_metadata: ``metadata['splits'][split]`` (its per-record ``num_objects`` and
+  ``num_crowd_objects``). Objects are counted as `preprocess.process_example` keeps them: without
+  crowd objects when skip_crowd (training), all of them otherwise; each image keeps its first
+  max_instances (annotation-id order) and drops the rest, the objects counted here.
+  """
+  counts = np.asarray(split_metadata['num_objects'], np.int64)
+  if skip_crowd:
+    counts = counts - np.asarray(split_metadata['num_crowd_objects'], np.int64)
+  excess = np.maximum(counts - int(max_instances), 0)
+  return int(np.count_nonzero(excess)), int(excess.sum())
 
 
 class TrainSampler:
@@ -203,10 +220,17 @@ def train_iterator(source: Source, settings: InputSettings, batch_size: int,
   batch_size: examples per batch on this host (per-device batch x local devices). seed: of the
   shuffle and the flips (the run's seed). process_index / process_count default to jax's;
   num_workers to ``settings.num_workers``. Batches follow `spec.batch_spec`; example_valid is
-  all True.
+  all True. Logs a warning once (process 0) when images hold more objects than
+  ``settings.max_instances``, with how many objects are dropped (`objects_over_cap`).
   """
   process_index, process_count = _process_info(process_index, process_count)
   skip_crowd = settings.skip_crowd_during_training
+  images, objects = objects_over_cap(source.metadata['splits'][source.split],
+                                     settings.max_instances, skip_crowd)
+  if objects and process_index == 0:
+    logging.warning('%s %s: training drops %d objects of %d images beyond data.max_instances = %d '
+                    '(each image keeps its first %d)', source.name, source.split, objects, images,
+                    settings.max_instances, settings.max_instances)
   sampler = TrainSampler(
       trainable_indices(source, skip_crowd, settings.keep_images_without_annotations_in_training),
       seed, settings.augment_hflip)

@@ -28,7 +28,11 @@ from maskrcnn_jax.data import spec
 
 
 def decode_rgb(encoded: bytes) -> Image.Image:
-  """Decodes JPEG/PNG bytes into an RGB PIL image."""
+  """Decodes JPEG/PNG bytes into an RGB PIL image.
+
+  No EXIF orientation is applied: prepared records hold the pixels their annotations refer to,
+  with any orientation already applied or deliberately ignored (`annotations.read_image`).
+  """
   image = Image.open(io.BytesIO(encoded))
   image.draft('RGB', image.size)  # asks the JPEG decoder for RGB output directly (no YCbCr pass)
   return image if image.mode == 'RGB' else image.convert('RGB')

@@ -1,4 +1,4 @@
-"""COCO evaluation: ground truth from the dataset, detections -> COCO results, pycocotools metrics.
+"""COCO evaluation: ground truth from the dataset, detections -> COCO results, COCO metrics.
 
 * `ground_truth_from_records` rebuilds a COCO annotation dict from the prepared TFDS records
   (the dataset metadata does not record the original annotation file, and rebuilding from the
@@ -10,32 +10,50 @@
   to COCO results: boxes divided by the resize scale and clipped to the original image, class
   indices mapped back to category ids, masks pasted at the original size
   (`maskrcnn_jax.ops.masks.paste_masks`), thresholded at 0.5 and RLE-encoded.
-* `coco_metrics` runs pycocotools' COCOeval for bbox and segm and returns the twelve stats of
-  each as ``{'bbox/AP': ..., 'segm/ARl': ...}``.
+* `index_ground_truth` builds an engine's COCO index of a ground truth once (`GroundTruth`);
+  `coco_metrics` scores a results list against it (or against a plain annotation dict) with
+  COCOeval for bbox and segm and returns the twelve stats of each as
+  ``{'bbox/AP': ..., 'segm/ARl': ...}``.
+
+Engines (`ENGINES`, ``config.eval.engine``): 'pycocotools', the reference, and
+'faster_coco_eval' (the C++ matching and accumulation of the faster-coco-eval package, with its
+pycocotools-compatible COCO/COCOeval API and its extras, LVIS rules and extra statistics, off),
+which gives the same twelve stats (``tests/evaluation/test_engines.py``) in less time
+(``docs/performance.md``). Neither needs JAX: only mask pasting imports it.
+
+Inputs are checked before COCOeval sees them (`CocoFormatError`, naming the entry): results for
+an image the ground truth does not have (pycocotools stops on an assertion), results without
+masks when segm is asked (pycocotools would silently score the box outline as the mask), masks
+of another size than their image, missing keys. Without any result the stats are COCOeval's
+for an empty detection list (0, or -1 for an area range without ground truth).
 
 Annotation ids. pycocotools treats a matched ground-truth id of 0 as "unmatched" (``dtm`` holds
 the matched id and is tested for truth in ``accumulate``), so a dataset whose annotation ids start
-at 0 loses recall. `coco_metrics` therefore renumbers the ground truth's annotation ids 1..n.
+at 0 loses recall. The ground truth's annotation ids are therefore renumbered 1..n, in their
+order (the order COCOeval's matching depends on is kept).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import logging
+import math
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
-import jax
 import numpy as np
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maskrcnn_jax.ops import masks as mask_ops
+from maskrcnn_jax import settings
+from maskrcnn_jax.settings import ConfigError
 
+ENGINES = settings.EVAL_ENGINES
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm',
               'ARl')
 IOU_TYPES = ('bbox', 'segm')
@@ -93,6 +111,10 @@ def class_to_category_map(metadata: Mapping[str, Any]) -> dict[int, int]:
 
 def _paste_fn():
   """paste_masks thresholded at 0.5, jitted per (padded) output size."""
+  # JAX is imported here, not with the module: the metrics (and the evaluate command) need none.
+  import jax  # pylint: disable=import-outside-toplevel
+  from maskrcnn_jax.ops import masks as mask_ops  # pylint: disable=import-outside-toplevel
+
   @jax.jit
   def paste(masks, boxes, template):
     height, width = template.shape
@@ -179,41 +201,284 @@ def detections_to_results(detections: Mapping[str, np.ndarray], batch: Mapping[s
 
 
 # ------------------------------------------------------------------------------ metrics
+class CocoFormatError(ValueError):
+  """A ground truth or results list that COCOeval would reject, or silently misread; the
+  message names the entry at fault."""
+
+
+class GroundTruthFormatError(CocoFormatError):
+  """The ground truth (a COCO annotation dict) is not usable."""
+
+
+class ResultsFormatError(CocoFormatError):
+  """The results list does not fit its ground truth or the IoU types asked."""
+
+
+def check_engine(engine: str) -> str:
+  """`engine` when it is one of `ENGINES`; `ConfigError` naming ``eval.engine`` otherwise."""
+  if engine not in ENGINES:
+    raise ConfigError(f"config key 'eval.engine' = {engine!r}: must be one of {list(ENGINES)}")
+  return engine
+
+
+def _check_iou_types(iou_types: Sequence[str]) -> None:
+  if isinstance(iou_types, str) or not iou_types or any(t not in IOU_TYPES for t in iou_types):
+    raise ValueError(f'iou_types {iou_types!r}: must be a non-empty sequence of {IOU_TYPES}')
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GroundTruth:
+  """A COCO ground truth indexed once by one engine (`index_ground_truth`), for any number of
+  `coco_metrics` calls: COCOeval only reads it (and caches per-annotation masks in it).
+
+  engine: one of `ENGINES`; coco: that engine's ``COCO`` object, annotation ids 1..n;
+  image_sizes: image id -> (height, width); category_ids: the categories evaluated;
+  has_masks: every annotation has a 'segmentation' (segm can be scored).
+  """
+  engine: str
+  coco: Any
+  image_sizes: Mapping[int, tuple[int, int]]
+  category_ids: frozenset
+  has_masks: bool
+
+  @property
+  def image_ids(self) -> tuple[int, ...]:
+    return tuple(sorted(self.image_sizes))
+
+
+def _checked_image_sizes(ground_truth: Any) -> dict[Any, tuple[int, int]]:
+  """image id -> (height, width) of a COCO annotation dict; `GroundTruthFormatError` naming the
+  first entry COCOeval cannot use."""
+  if not isinstance(ground_truth, Mapping):
+    raise GroundTruthFormatError(
+        f'must be a COCO annotation object {{"images": [...], "annotations": [...], '
+        f'"categories": [...]}}, not a {type(ground_truth).__name__}')
+  for key in ('images', 'annotations', 'categories'):
+    if not isinstance(ground_truth.get(key), list):
+      raise GroundTruthFormatError(f'has no {key!r} list')
+  sizes = {}
+  for i, image in enumerate(ground_truth['images']):
+    if not isinstance(image, Mapping) or any(k not in image for k in ('id', 'height', 'width')):
+      raise GroundTruthFormatError(f"image {i} needs an 'id', a 'height' and a 'width'")
+    if image['id'] in sizes:
+      raise GroundTruthFormatError(f"image id {image['id']!r} appears twice")
+    sizes[image['id']] = (int(image['height']), int(image['width']))
+  for i, category in enumerate(ground_truth['categories']):
+    if not isinstance(category, Mapping) or 'id' not in category:
+      raise GroundTruthFormatError(f"category {i} has no 'id'")
+  for i, ann in enumerate(ground_truth['annotations']):
+    if not isinstance(ann, Mapping):
+      raise GroundTruthFormatError(f'annotation {i} is not an object')
+    # COCOeval reads each of these (iscrowd and area without a default).
+    for key in ('image_id', 'category_id', 'bbox', 'area', 'iscrowd'):
+      if key not in ann:
+        raise GroundTruthFormatError(f"annotation {i} (id {ann.get('id')!r}) has no {key!r}")
+  return sizes
+
+
 def _renumbered(ground_truth: Mapping[str, Any]) -> dict[str, Any]:
-  gt = copy.deepcopy(dict(ground_truth))
-  for i, ann in enumerate(gt['annotations']):
-    ann['id'] = i + 1
+  """A copy with annotation ids 1..n (see the module docstring). The entries are copied one
+  level deep, enough for COCOeval's in-place additions (ignore flags, masks) to stay in the copy;
+  polygons and RLE counts are shared, never modified."""
+  gt = {k: v for k, v in ground_truth.items() if k not in ('images', 'annotations', 'categories')}
+  gt['images'] = [dict(image) for image in ground_truth['images']]
+  gt['categories'] = [dict(category) for category in ground_truth['categories']]
+  gt['annotations'] = [dict(ann, id=i + 1) for i, ann in enumerate(ground_truth['annotations'])]
   gt.setdefault('info', {})
   gt.setdefault('licenses', [])
   return gt
 
 
-def coco_metrics(ground_truth: Mapping[str, Any], results: Sequence[Mapping[str, Any]],
-                 iou_types: Sequence[str] = IOU_TYPES, image_ids: Sequence[int] | None = None
-                 ) -> dict[str, float]:
-  """pycocotools COCOeval stats: {'bbox/AP': ..., ..., 'segm/ARl': ...} (12 per IoU type).
+def index_ground_truth(ground_truth: Mapping[str, Any], engine: str = 'pycocotools'
+                       ) -> GroundTruth:
+  """`ground_truth` (a COCO annotation dict: images, annotations, categories) indexed by
+  `engine` (one of `ENGINES`, else `ConfigError`), annotation ids renumbered 1..n.
 
-  image_ids: the images evaluated (default: every image of the ground truth). Without any
-  result every stat is 0. pycocotools' printed summary goes to the log.
+  `GroundTruthFormatError` names the first image, category or annotation COCOeval cannot use.
+  The caller's dict is not modified.
   """
+  check_engine(engine)
+  sizes = _checked_image_sizes(ground_truth)
+  data = _renumbered(ground_truth)
+  with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+    if engine == 'pycocotools':
+      index = COCO()
+      index.dataset = data
+      index.createIndex()
+    else:
+      try:
+        import faster_coco_eval  # pylint: disable=import-outside-toplevel  # only when chosen
+      except ImportError:
+        raise ConfigError("config key 'eval.engine' = 'faster_coco_eval': the faster-coco-eval "
+                          'package is not installed (pip install -r requirements.txt)') from None
+      index = faster_coco_eval.COCO(data)
+  return GroundTruth(
+      engine=engine, coco=index, image_sizes=sizes,
+      category_ids=frozenset(c['id'] for c in data['categories']),
+      has_masks=all('segmentation' in ann for ann in data['annotations']))
+
+
+def _is_number(value) -> bool:
+  """A finite int or float (NumPy's too), not a bool."""
+  kind = type(value)
+  if kind is float or kind is int:  # the common case first: checks run on every result
+    return math.isfinite(value)
+  return isinstance(value, (np.integer, np.floating)) and math.isfinite(value)
+
+
+def _is_mapping(value) -> bool:
+  return type(value) is dict or isinstance(value, Mapping)
+
+
+def check_results(results: Sequence[Mapping[str, Any]], ground_truth: GroundTruth,
+                  iou_types: Sequence[str] = IOU_TYPES) -> None:
+  """Raises `ResultsFormatError` naming the first result COCOeval would reject or misread.
+
+  Every result needs image_id (an image of `ground_truth`), an integer category_id, a finite
+  score, and a bbox [x, y, w, h] (or, in no result at all: boxes then come from the masks, as
+  pycocotools does); with 'segm' in iou_types a segmentation too (compressed or uncompressed RLE
+  of the image's size, or polygons). Category ids the ground truth does not have are allowed:
+  COCOeval ignores those results. About 1.5 s per million results.
+  """
+  if not isinstance(results, (list, tuple)):
+    raise ResultsFormatError(f'must be a list (a JSON array) of detections, not a '
+                             f'{type(results).__name__}')
+  sizes = {k: list(v) for k, v in ground_truth.image_sizes.items()}
+  with_masks = 'segm' in iou_types
+  first_has_bbox = None
+  unknown_images = {}
+  for i, result in enumerate(results):
+    if not _is_mapping(result):
+      raise ResultsFormatError(f'result {i} is not an object: {str(result)[:60]}')
+    try:
+      image_id, category_id, score = result['image_id'], result['category_id'], result['score']
+    except KeyError as e:
+      raise ResultsFormatError(f'result {i} has no {e.args[0]!r}') from None
+    try:
+      size = None if isinstance(image_id, bool) else sizes.get(image_id)
+    except TypeError:  # unhashable, e.g. a list
+      size = None
+    if size is None:
+      unknown_images.setdefault(image_id if isinstance(image_id, int) else repr(image_id), i)
+      continue
+    if not _is_number(score):
+      raise ResultsFormatError(f'result {i} (image {image_id}): score {score!r} is not a finite '
+                               f'number')
+    if type(category_id) is not int and not isinstance(category_id, np.integer):
+      raise ResultsFormatError(f'result {i} (image {image_id}): category_id {category_id!r} is '
+                               f'not an integer')
+    has_bbox = 'bbox' in result
+    if first_has_bbox is None:
+      first_has_bbox = has_bbox
+    elif has_bbox != first_has_bbox:
+      raise ResultsFormatError(
+          f"result {i} (image {image_id}) {'has' if has_bbox else 'has no'} 'bbox' but the "
+          f"first result {'has' if first_has_bbox else 'has none'}: give a box in every result "
+          f'or in none (boxes then come from the masks)')
+    box = result.get('bbox')
+    if has_bbox and not (type(box) in (list, tuple) and len(box) == 4 and _is_number(box[0])
+                         and _is_number(box[1]) and _is_number(box[2]) and _is_number(box[3])):
+      raise ResultsFormatError(f"result {i} (image {image_id}): bbox {box!r} is not "
+                               f'[x, y, width, height]')
+    segmentation = result.get('segmentation')
+    if segmentation is None:
+      if with_masks:
+        raise ResultsFormatError(
+            f"result {i} (image {image_id}) has no 'segmentation': scoring segm needs a mask in "
+            f'every result (evaluate bbox alone for box-only results)')
+      if not has_bbox:
+        raise ResultsFormatError(f"result {i} (image {image_id}) has neither 'bbox' nor "
+                                 f"'segmentation'")
+    elif _is_mapping(segmentation):
+      mask_size = segmentation.get('size')
+      if 'counts' not in segmentation or mask_size is None:
+        raise ResultsFormatError(f"result {i} (image {image_id}): an RLE segmentation needs "
+                                 f"'size' and 'counts'")
+      if mask_size != size and [int(s) for s in mask_size] != size:
+        raise ResultsFormatError(
+            f'result {i} (image {image_id}): mask size {list(mask_size)} is not the image size '
+            f'{size} (height, width)')
+      if not has_bbox and not isinstance(segmentation['counts'], (str, bytes)):
+        raise ResultsFormatError(f'result {i} (image {image_id}): without a bbox, the mask must '
+                                 f'be compressed RLE (counts a string)')
+    elif not (isinstance(segmentation, list) and has_bbox):
+      raise ResultsFormatError(f'result {i} (image {image_id}): segmentation must be an RLE '
+                               f"object {{'size', 'counts'}} (or polygons, with a 'bbox')")
+  if unknown_images:
+    image_id, index = next(iter(unknown_images.items()))
+    more = (f' ({len(unknown_images)} such image ids: '
+            f'{", ".join(str(k) for k in list(unknown_images)[:5])}'
+            f'{", ..." if len(unknown_images) > 5 else ""})' if len(unknown_images) > 1 else '')
+    raise ResultsFormatError(f'result {index}: image_id {image_id} is not an image of the ground '
+                             f'truth{more}')
+
+
+def _load_results(ground_truth: GroundTruth, results: Sequence[Mapping[str, Any]]):
+  """The engine's results COCO object of `results` (copied: loadRes adds keys to each)."""
+  copies = [dict(r) for r in results]
+  if copies or ground_truth.engine != 'pycocotools':
+    return ground_truth.coco.loadRes(copies)
+  # pycocotools' loadRes cannot take an empty list; an empty detection set is still evaluable.
+  empty = COCO()
+  empty.dataset = {'images': list(ground_truth.coco.dataset['images']), 'annotations': [],
+                   'categories': copy.deepcopy(ground_truth.coco.dataset['categories'])}
+  empty.createIndex()
+  return empty
+
+
+def _cocoeval(ground_truth: GroundTruth, detections, iou_type: str):
+  """The engine's COCOeval with COCO's standard parameters."""
+  if ground_truth.engine == 'pycocotools':
+    return COCOeval(ground_truth.coco, detections, iouType=iou_type)
+  from faster_coco_eval import COCOeval_faster  # pylint: disable=import-outside-toplevel
+  # Its extras off: no LVIS rules, no extra matching statistics; evaluation and accumulation in
+  # one C++ pass (separate_eval=False gives the same numbers with less memory).
+  return COCOeval_faster(ground_truth.coco, detections, iouType=iou_type, print_function=print,
+                         extra_calc=False, lvis_style=False, separate_eval=False)
+
+
+def coco_metrics(ground_truth: Mapping[str, Any] | GroundTruth,
+                 results: Sequence[Mapping[str, Any]], iou_types: Sequence[str] = IOU_TYPES,
+                 image_ids: Sequence[int] | None = None, engine: str | None = None
+                 ) -> dict[str, float]:
+  """COCOeval stats: {'bbox/AP': ..., ..., 'segm/ARl': ...} (the 12 of each IoU type).
+
+  Args:
+    ground_truth: a COCO annotation dict, or a `GroundTruth` indexed once (`index_ground_truth`).
+    results: COCO results [{image_id, category_id, bbox, score, segmentation}] (`check_results`;
+      `ResultsFormatError` otherwise). None of them is modified.
+    iou_types: a subset of `IOU_TYPES`.
+    image_ids: the images evaluated (default: every image of the ground truth).
+    engine: one of `ENGINES`; None: the `GroundTruth`'s, or 'pycocotools' for a dict.
+
+  Without any result, every stat is COCOeval's for an empty detection set: 0, or -1 where the
+  ground truth has no object (e.g. APs without small objects). The printed summary goes to the log.
+  """
+  _check_iou_types(iou_types)
+  if isinstance(ground_truth, GroundTruth):
+    if engine is not None and check_engine(engine) != ground_truth.engine:
+      raise ValueError(f'engine {engine!r}: the ground truth was indexed by '
+                       f'{ground_truth.engine!r}')
+  else:
+    ground_truth = index_ground_truth(ground_truth, engine or 'pycocotools')
+  if 'segm' in iou_types and not ground_truth.has_masks:
+    raise GroundTruthFormatError("an annotation has no 'segmentation': segm cannot be scored")
+  check_results(results, ground_truth, iou_types)
   out = {}
-  if not results:
-    return {f'{t}/{s}': 0.0 for t in iou_types for s in STAT_NAMES}
   text = io.StringIO()
   with contextlib.redirect_stdout(text):
-    gt = COCO()
-    gt.dataset = _renumbered(ground_truth)
-    gt.createIndex()
-    dt = gt.loadRes([dict(r) for r in results])
+    detections = _load_results(ground_truth, results)
     for iou_type in iou_types:
-      evaluator = COCOeval(gt, dt, iouType=iou_type)
+      evaluator = _cocoeval(ground_truth, detections, iou_type)
       if image_ids is not None:
         evaluator.params.imgIds = sorted(int(i) for i in image_ids)
       evaluator.evaluate()
       evaluator.accumulate()
-      print(f'--- {iou_type}')
+      print(f'--- {iou_type} ({ground_truth.engine})')
       evaluator.summarize()
-      for name, value in zip(STAT_NAMES, evaluator.stats):
+      stats = np.asarray(evaluator.stats, np.float64)
+      assert stats.shape == (len(STAT_NAMES),), stats.shape
+      for name, value in zip(STAT_NAMES, stats):
         out[f'{iou_type}/{name}'] = float(value)
   logging.info('COCO evaluation:\n%s', text.getvalue())
   return out

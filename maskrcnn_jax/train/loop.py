@@ -37,6 +37,9 @@ from maskrcnn_jax.train import benchmark
 from maskrcnn_jax.train import checkpoint as ckpt
 from maskrcnn_jax.train import experiment
 from maskrcnn_jax.train import metrics as metrics_lib
+from maskrcnn_jax.train import preemption
+from maskrcnn_jax.train import progress as progress_lib
+from maskrcnn_jax.train import resume
 from maskrcnn_jax.train import state as state_lib
 from maskrcnn_jax.train import step as step_lib
 
@@ -56,17 +59,20 @@ class TrainResult(NamedTuple):
 class Run:
   """An `Experiment` with its workdir: the checkpoint manager, state, saving and evaluation."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, exp: experiment.Experiment | None = None):
     self.config, self.workdir = config, workdir
-    self.exp = experiment.build_experiment(config)
+    self.exp = exp or experiment.build_experiment(config)
     self.manager = ckpt.create_manager(workdir, int(config.train.max_checkpoints_to_keep))
+    self.ground_truth = None  # the eval split's, indexed once per run (process 0)
 
   def initial_state(self) -> state_lib.TrainState:
-    """The latest checkpoint's state, or a freshly initialised one (unreplicated)."""
-    if self.manager.latest_step() is not None:
-      step = self.manager.latest_step()
+    """The newest usable checkpoint's state (newer unusable ones set aside, each in one logged
+    line), or a freshly initialised one (unreplicated)."""
+    restored = ckpt.restore_latest(self.manager, self.workdir, self.exp.abstract_state)
+    if restored is not None:
+      step, state = restored
       logging.info('resuming from %s step %d', self.manager.directory, step)
-      return ckpt.restore(self.manager, self.exp.abstract_state, step)
+      return state
     logging.info('no checkpoint in %s: initialising (seed %d)', self.manager.directory,
                  self.config.seed)
     init = self.config.init
@@ -79,17 +85,21 @@ class Run:
     # NumPy arrays: Orbax writes them from the first process only, the right thing for a state
     # that every host holds identically.
     state = jax.device_get(flax.jax_utils.unreplicate(state_replicated))
-    ckpt.save(self.manager, step, state, force=True)
+    ckpt.save(self.manager, step, state, force=True, meta={
+        'config': _config_dict(self.config), 'layout': _layout()})
 
   def evaluate(self, variables_replicated, step: int, writer=None) -> dict[str, float] | None:
     config = self.config
     source = experiment.build_source(config, config.data.eval_split)
+    if self.ground_truth is None:
+      self.ground_truth = evaluator.split_ground_truth(
+          source, int(config.eval.num_samples), config.eval.engine)
     batch_size = int(config.eval.per_device_batch_size) * self.exp.num_devices
     line = evaluator.evaluate_split(
         source, experiment.build_eval_iterator(config, batch_size, source=source),
         infer_fn=self.exp.infer_step, variables=variables_replicated,
         num_devices=self.exp.num_devices, num_examples=int(config.eval.num_samples),
-        workdir=self.workdir, step=step)
+        workdir=self.workdir, step=step, ground_truth=self.ground_truth)
     if line is not None and writer is not None:
       writer.write_scalars(step, {f'eval/{k}': v for k, v in line.items() if k != 'step'})
       writer.flush()
@@ -106,19 +116,62 @@ def _check_finite(collection, precision_name: str, manager) -> None:
   if collection is None or precision_name == 'float16':
     return  # float16 overflows are skipped updates, not errors
   bad = metrics_lib.first_nonfinite_step(collection)
-  if bad is not None:
-    # Every checkpoint is saved only after the steps before it were checked, so the latest one
-    # predates the bad step.
-    raise NonFiniteLossError(
-        f'the training loss is not finite at step {bad} (the update from {bad} to {bad + 1} '
-        f'batches); stopping. The latest checkpoint, step {manager.latest_step()} in '
-        f'{manager.directory}, was saved before it and is intact.')
+  if bad is None:
+    return
+  # Every checkpoint is saved only after the losses of the steps before it were checked.
+  latest = manager.latest_step()
+  where = ('No checkpoint was saved before it (a rerun starts from scratch).' if latest is None
+           else f'The latest checkpoint, step {latest} in {manager.directory}, was saved from '
+                'finite losses before it.')
+  raise NonFiniteLossError(
+      f'the training loss is not finite at step {bad} (the update from {bad} to {bad + 1} '
+      f'batches); stopping. {where} Try a lower train.learning_rate or a longer '
+      'train.warmup_steps, train.gradient_clip_norm > 0, or model.precision=float32.')
 
 
-def _save_config(config, workdir: str) -> None:
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+def _config_dict(config) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def _layout() -> dict[str, int]:
+  return resume.layout(jax.device_count(), jax.process_count())
+
+
+def _save_config(config, workdir: str, start_step: int) -> None:
+  """``<workdir>/config.json`` (the latest run's config) and a copy per run in
+  ``<workdir>/config_history/`` (named by the start time and step), so the workdir keeps every
+  config it was run with."""
+  if jax.process_index() != 0:
+    return
+  text = config.to_json_best_effort(indent=2)
+  history = os.path.join(workdir, 'config_history')
+  os.makedirs(history, exist_ok=True)
+  stamp = time.strftime('%Y%m%dT%H%M%S')
+  with open(os.path.join(history, f'{stamp}_step{start_step}.json'), 'w') as f:
+    f.write(text)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(text)
+
+
+def _check_resume(config, workdir: str) -> int:
+  """Before anything is written: compares the command's config with the one the latest
+  checkpoint recorded (or ``config.json`` for checkpoints without it; `resume.check_resume`).
+  Returns the latest committed step (0 when there is none)."""
+  steps = ckpt.checkpoint_steps(workdir)
+  if not steps:
+    return 0
+  try:
+    meta = ckpt.read_meta(workdir, steps[-1]) or {}
+  except ckpt.CorruptCheckpointError:
+    meta = {}  # restoring reports it and falls back
+  recorded, source = meta.get('config'), f'checkpoint step {steps[-1]}'
+  path = os.path.join(workdir, 'config.json')
+  if recorded is None and os.path.isfile(path):
+    with open(path) as f:
+      recorded, source = json.load(f), path
+  if recorded is not None:
+    resume.check_resume(config, recorded, meta.get('layout'), _layout(), source)
+  return steps[-1]
 
 
 def _check_classes_and_save_categories(config, workdir: str, source) -> None:
@@ -131,14 +184,28 @@ def _check_classes_and_save_categories(config, workdir: str, source) -> None:
     inference.write_categories(workdir, source.metadata)
 
 
+def _stop(job: Run, state, step: int, signum: int, saved: bool):
+  """Saves the checkpoint of `step` (unless just saved), waits for the writes and raises
+  `preemption.Preempted`."""
+  if not saved:
+    job.save(state, step)
+  ckpt.check_saves(job.manager, wait=True)
+  raise preemption.Preempted(signum, step, os.path.join(job.manager.directory, str(step)))
+
+
 # ------------------------------------------------------------------------------ modes
 def train(config, workdir: str, evaluate_every: bool = False) -> TrainResult:
-  """Trains to config.train.total_steps (resuming), optionally evaluating as train_and_eval."""
-  from clu import periodic_actions  # pylint: disable=import-outside-toplevel  # imports TensorFlow
+  """Trains to config.train.total_steps (resuming), optionally evaluating as train_and_eval.
+
+  Stops cleanly on SIGTERM, SIGINT or SIGUSR1 (`preemption`): a checkpoint at the step reached,
+  then `preemption.Preempted`.
+  """
   os.makedirs(workdir, exist_ok=True)
   train_source = experiment.build_source(config, config.data.train_split)
+  # Checks first, then writes: a refused resume leaves the workdir as it was.
+  latest = _check_resume(config, workdir)
   _check_classes_and_save_categories(config, workdir, train_source)
-  _save_config(config, workdir)
+  _save_config(config, workdir, latest)
   job = Run(config, workdir)
   exp = job.exp
   k = exp.accumulation_steps
@@ -159,54 +226,77 @@ def train(config, workdir: str, evaluate_every: bool = False) -> TrainResult:
   start = int(state.step)
   writer.write_scalars(start, {'effective_batch_size': float(global_batch * k)})
   state = step_lib.replicate(state, exp.devices)
-  done_evals = set()
-  if evaluate_every:
-    done_evals = evaluated_steps = evaluator.evaluated_steps(workdir)
-    # Killed between a checkpoint at an evaluation boundary and its evaluation: do it now.
-    if 0 < start < total and start % eval_every == 0 and start not in evaluated_steps:
-      job.evaluate(state.variables, start, writer)
+  progress = progress_lib.Progress(start, total)
+  with preemption.StopRequests() as stops:
+    done_evals = set()
+    if evaluate_every:
+      done_evals = evaluated_steps = evaluator.evaluated_steps(workdir)
+      # Killed between a checkpoint at an evaluation boundary and its evaluation: do it now.
+      if 0 < start < total and start % eval_every == 0 and start not in evaluated_steps:
+        job.evaluate(state.variables, start, writer)
 
-  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                           every_steps=log_every)
-  batches = None
-  if start < total:
-    batches = step_lib.device_batches(
-        experiment.build_train_iterator(config, per_host, start, source=train_source),
-        step_lib.TRAIN_KEYS,
-        exp.devices)
-  collection = None
-  last_time, last_step = time.time(), start
-  try:
-    for step in range(start, total):
-      with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        state, m = exp.train_step(state, next(batches))
-      m = jax.tree_util.tree_map(lambda x: x[0], m)  # replicated: keep device 0's copy
-      collection = m if collection is None else collection.merge(m)
-      done = step + 1
-      report(done)
-      if done % log_every == 0 or done == total:
-        _check_finite(collection, config.model.precision, job.manager)
-        scalars = metrics_lib.scalars(collection)
-        now = time.time()
-        scalars['images_per_sec'] = (done - last_step) * global_batch / max(now - last_time, 1e-9)
-        last_time, last_step = now, done
-        writer.write_scalars(done, scalars)
-        collection = None
-      if done % ckpt_every == 0 or done == total:
-        _check_finite(collection, config.model.precision, job.manager)
-        job.save(state, done)
-      if evaluate_every and done % eval_every == 0 and done != total:
-        job.evaluate(state.variables, done, writer)
-  finally:
-    # Also on an error: the checkpoint being written completes, so the last one is intact.
-    job.manager.wait_until_finished()
-  last_eval = None
-  if evaluate_every and total not in done_evals:
-    last_eval = job.evaluate(state.variables, total, writer)
+    batches = None
+    if start < total:
+      batches = step_lib.device_batches(
+          experiment.build_train_iterator(config, per_host, start, source=train_source),
+          step_lib.TRAIN_KEYS,
+          exp.devices)
+    collection = scalars = None
+    last_time, last_step = time.time(), start
+    try:
+      for step in range(start, total):
+        with jax.profiler.StepTraceAnnotation('train', step_num=step):
+          state, m = exp.train_step(state, next(batches))
+        m = jax.tree_util.tree_map(lambda x: x[0], m)  # replicated: keep device 0's copy
+        collection = m if collection is None else collection.merge(m)
+        done = step + 1
+        progress.step_done(done)
+        saved = False
+        if done % log_every == 0 or done == total:
+          _check_finite(collection, config.model.precision, job.manager)
+          scalars = metrics_lib.scalars(collection)
+          now = time.time()
+          scalars['images_per_sec'] = (done - last_step) * global_batch / max(now - last_time,
+                                                                              1e-9)
+          last_time, last_step = now, done
+          writer.write_scalars(done, scalars)
+          progress.log(done, scalars)
+          collection = None
+        if done % ckpt_every == 0 or done == total:
+          _check_finite(collection, config.model.precision, job.manager)
+          job.save(state, done)
+          saved = True
+        ckpt.check_saves(job.manager)
+        signum = stops.should_stop()
+        if signum and done < total:
+          _check_finite(collection, config.model.precision, job.manager)
+          _stop(job, state, done, signum, saved)
+        if evaluate_every and done % eval_every == 0 and done != total:
+          job.evaluate(state.variables, done, writer)
+      ckpt.check_saves(job.manager, wait=True)
+    finally:
+      # Also on an error: the checkpoint being written completes, so the last one is intact.
+      _finish_writes(job.manager)
+    last_eval = None
+    if evaluate_every and total not in done_evals:
+      signum = stops.should_stop()
+      if signum:  # the final checkpoint is saved; a rerun evaluates it
+        raise preemption.Preempted(signum, total, os.path.join(job.manager.directory, str(total)))
+      last_eval = job.evaluate(state.variables, total, writer)
   writer.flush()
   final = flax.jax_utils.unreplicate(state)
   job.manager.close()
+  results = evaluator.results_path(workdir, total) if last_eval else None
+  progress.summary(total, checkpoints=str(job.manager.directory), last_scalars=scalars,
+                   eval_line=last_eval, results=results)
   return TrainResult(final, last_eval)
+
+
+def _finish_writes(manager) -> None:
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  # reported by check_saves already
+    logging.debug('checkpoint writes ended with %s', e)
 
 
 def evaluate(config, workdir: str) -> dict[str, float] | None:

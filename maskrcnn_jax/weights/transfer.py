@@ -178,6 +178,9 @@ def read_checkpoint_variables(path: str | pathlib.Path) -> dict[str, Any]:
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     metadata = checkpointer.metadata(item_dir).item_metadata
+    if metadata is None:  # Orbax logged why: a missing or damaged _METADATA / array index
+      raise FileNotFoundError(f'{item_dir}: its tree metadata does not read (missing or damaged '
+                              'files)')
     collections = {k: metadata[k] for k in COLLECTIONS
                    if k in metadata and jax.tree_util.tree_leaves(metadata[k])}
     if 'params' not in collections:

@@ -1,0 +1,111 @@
+"""Runs of the command line (`python -m maskrcnn_jax.main`) shared by the end-to-end tests.
+
+configs/tiny_smoke.py trained on coco_sample's six images (its only split, 'validation'), every
+run a subprocess as a user runs it. The expensive pieces (the prepared dataset, a persistent
+compilation cache, one uninterrupted reference run) are built once per test session under a file
+lock and shared by the pytest-xdist workers and the test modules (`tests/conftest.py` imports the
+fixtures).
+"""
+
+import contextlib
+import fcntl
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO / 'tests' / 'data' / 'coco_sample'
+TOTAL_STEPS = 12
+CKPT_EVERY = 3
+
+
+def shared_dir(tmp_path_factory) -> pathlib.Path:
+  """A directory shared by the pytest-xdist workers of this session (the session's own otherwise).
+
+  Module fixtures run once per worker; the expensive ones below (dataset, compilation cache, the
+  reference run) are built once under a file lock and reused by the other worker.
+  """
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+
+
+@contextlib.contextmanager
+def locked(path: pathlib.Path):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, 'w') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  root = shared_dir(tmp_path_factory) / 'main_shared'
+  e = dict(os.environ)
+  e.update(TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu',
+           JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return e
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  root = shared_dir(tmp_path_factory) / 'main_shared'
+  d = root / 'tfds'
+  with locked(root / 'tfds.lock'):
+    if not (root / 'tfds.done').exists():
+      from maskrcnn_jax.data import prepare  # pylint: disable=import-outside-toplevel
+      prepare.prepare(str(d), manual_dir=str(SAMPLE_DIR), show_progress=False)
+      (root / 'tfds.done').touch()
+  return str(d)
+
+
+def command(workdir, data_dir, *overrides):
+  return [sys.executable, '-m', 'maskrcnn_jax.main', '--config=configs/tiny_smoke.py',
+          f'--workdir={workdir}', f'--config.data.tfds_data_dir={data_dir}',
+          '--config.data.train_split=validation',
+          '--config.data.num_workers=1',
+          f'--config.train.total_steps={TOTAL_STEPS}',
+          f'--config.train.checkpoint_every_steps={CKPT_EVERY}',
+          f'--config.eval.every_steps={TOTAL_STEPS}',
+          '--config.train.learning_rate_steps=(8,)', *overrides]
+
+
+def run_cli(cmd, env, timeout=300):
+  out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+  return out.returncode, out.stdout + out.stderr
+
+
+def params(workdir, step):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(workdir) / 'checkpoints' / str(step) / 'default'
+  with ocp.StandardCheckpointer() as checkpointer:
+    tree = checkpointer.restore(path)
+  import jax  # pylint: disable=import-outside-toplevel
+  return {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_leaves_with_path(tree['params'])}
+
+
+def steps(workdir):
+  d = pathlib.Path(workdir) / 'checkpoints'
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory, env, data_dir):
+  """An uninterrupted train_and_eval run (once per session, shared by the xdist workers)."""
+  root = shared_dir(tmp_path_factory) / 'main_shared'
+  workdir = root / 'reference'
+  with locked(root / 'reference.lock'):
+    if not (root / 'reference.log').exists():
+      rc, log = run_cli(command(workdir, data_dir), env)
+      assert rc == 0, log[-5000:]
+      (root / 'reference.log').write_text(log)
+  return workdir, (root / 'reference.log').read_text()
