@@ -13,7 +13,6 @@
   previous checkpoints intact.
 """
 
-import json
 import os
 import re
 import shutil
@@ -70,7 +69,8 @@ def _stopped_at(log):
 def test_sigterm_saves_the_step_reached_and_the_rerun_matches(reference_run, tmp_path, env,
                                                              data_dir):
   workdir = tmp_path / 'sigterm'
-  cmd = command(workdir, data_dir, '--config.train.log_every_steps=1')  # a safe change
+  # Safe changes from the reference's command: the log cadence, train without the evaluation.
+  cmd = command(workdir, data_dir, '--config.train.log_every_steps=1', '--config.mode=train')
   run = _Process(cmd, env)
   run.wait_for('step 4/12')
   run.proc.send_signal(signal.SIGTERM)
@@ -122,7 +122,7 @@ def test_unusable_checkpoints_fall_back_and_the_run_matches(reference_run, tmp_p
   largest = _data_files(workdir, 9)[-1]
   largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])  # truncated
   os.remove(workdir / 'checkpoints' / '6' / 'default' / '_METADATA')
-  rc, log = run_cli(command(workdir, data_dir), env)
+  rc, log = run_cli(command(workdir, data_dir, '--config.mode=train'), env)
   assert rc == 0, log[-4000:]
   for step in (12, 9, 6):
     assert re.search(rf'checkpoint step {step} in \S+ is unusable: \S+', log), log[-4000:]
@@ -181,7 +181,8 @@ def small_tmpfs(tmp_path):
 
 def test_a_full_disk_stops_the_run_at_that_save(small_tmpfs, env, data_dir):
   workdir = small_tmpfs / 'run'
-  rc, log = run_cli(command(workdir, data_dir, '--config.train.max_checkpoints_to_keep=10'), env)
+  rc, log = run_cli(command(workdir, data_dir, '--config.train.max_checkpoints_to_keep=10',
+                            '--config.mode=train'), env)
   assert rc == 1, log[-4000:]
   found = re.findall(r'error: no space for the checkpoint of step (\d+):', log)
   assert found, log[-4000:]
@@ -209,7 +210,8 @@ def _two_processes(cmd, env):
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, env, data_dir):
   overrides = ('--config.train.per_device_batch_size=1', '--config.train.log_every_steps=1',
-               '--config.eval.num_samples=2')
+               '--config.mode=train', '--config.train.total_steps=6',
+               '--config.eval.every_steps=6')
   reference = tmp_path / 'uninterrupted'
   results = [r.finish() for r in _two_processes(command(reference, data_dir, *overrides), env)]
   assert [rc for rc, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
@@ -217,14 +219,12 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, env, d
   workdir = tmp_path / 'preempted'
   cmd = command(workdir, data_dir, *overrides)
   runs = _two_processes(cmd, env)
-  runs[0].wait_for('step 4/12')
+  runs[0].wait_for('step 2/6')
   runs[1].proc.send_signal(signal.SIGTERM)
   results = [r.finish() for r in runs]
   assert [rc for rc, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
   stopped = {_stopped_at(log) for _, log in results}
-  assert len(stopped) == 1 and steps(workdir)[-1] == stopped.pop() < TOTAL_STEPS
+  assert len(stopped) == 1 and steps(workdir)[-1] == stopped.pop() < 6
   results = [r.finish() for r in _two_processes(cmd, env)]
   assert [rc for rc, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
-  _assert_same_params(workdir, reference)
-  assert json.loads((workdir / 'eval_metrics.jsonl').read_text()) == json.loads(
-      (reference / 'eval_metrics.jsonl').read_text())
+  _assert_same_params(workdir, reference, step=6)
