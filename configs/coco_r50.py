@@ -168,6 +168,11 @@ def get_config(arg=None):
   train.bias_grad_multiplier = 2.0      # Detectron convention for biases and BN betas
   train.gradient_clip_norm = 0.0        # global_gradient_clip_ratio; <= 0 disables
   train.gradient_accumulation_steps = 1
+  # 'per_device' (the reference under Horovod): each device normalises its losses over its own
+  # batch, then the gradients are averaged, so the update depends on the number of devices;
+  # 'global': every normaliser is averaged over the devices (and each image samples with its
+  # global index), so the update is the global batch's, however the batch is split.
+  train.loss_normalization = 'per_device'
   # float16 dynamic loss scaling (the reference's AMP): initial 2**12, x2 every 2000 finite steps.
   train.loss_scale_initial = 2.0 ** 12
   train.loss_scale_growth_interval = 2000

@@ -12,9 +12,9 @@ import pathlib
 
 import ml_collections
 
-from maskrcnn_jax.settings import (EVAL_ENGINES, POSITIVE, ConfigError, InputSettings,
-                                   ModelSettings, OptimizerSettings, boolean, choice, integer,
-                                   number, read_key, require, sequence, string)
+from maskrcnn_jax.settings import (EVAL_ENGINES, LOSS_NORMALIZATIONS, POSITIVE, ConfigError,
+                                   InputSettings, ModelSettings, OptimizerSettings, boolean,
+                                   choice, integer, number, read_key, require, sequence, string)
 
 __all__ = ['ConfigError', 'import_config_module', 'load_config', 'validate_config']
 
@@ -71,6 +71,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      ('train.max_checkpoints_to_keep', integer(1)),
                      ('train.log_every_steps', integer(1)),
                      ('train.allow_config_changes', boolean),
+                     ('train.loss_normalization', choice(*LOSS_NORMALIZATIONS)),
                      ('eval.per_device_batch_size', integer(1)),
                      ('eval.num_samples', integer(-1)), ('eval.every_steps', integer(1)),
                      ('eval.checkpoint_step', integer(-1)),

@@ -21,6 +21,7 @@ RESNET_DEPTHS = (18, 34, 50, 101)
 ANCHOR_CONVENTIONS = ('reference', 'torchvision')
 RPN_BOX_NORMALIZERS = ('positives_per_level', 'sampled')
 ROI_BOX_NORMALIZERS = ('foreground', 'sampled')
+LOSS_NORMALIZATIONS = ('per_device', 'global')  # config.train.loss_normalization
 EVAL_ENGINES = ('pycocotools', 'faster_coco_eval')  # config.eval.engine
 
 

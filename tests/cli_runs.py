@@ -11,8 +11,11 @@ import contextlib
 import fcntl
 import os
 import pathlib
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -109,3 +112,45 @@ def reference_run(tmp_path_factory, env, data_dir):
       assert rc == 0, log[-5000:]
       (root / 'reference.log').write_text(log)
   return workdir, (root / 'reference.log').read_text()
+
+
+class Process:
+  """A command-line run whose output is collected line by line."""
+
+  def __init__(self, cmd, env):
+    self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+    self.lines = []
+    self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout),
+                                    daemon=True)
+    self._reader.start()
+
+  def wait_for(self, text, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and self.proc.poll() is None:
+      if any(text in line for line in list(self.lines)):
+        return
+      time.sleep(0.05)
+    raise AssertionError(f'no {text!r} in the output:\n' + ''.join(self.lines)[-4000:])
+
+  def finish(self, timeout=240):
+    rc = self.proc.wait(timeout)
+    self._reader.join(10)
+    return rc, ''.join(self.lines)
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def two_processes(cmd, env):
+  port = free_port()
+  runs = []
+  for i in range(2):
+    e = dict(env, JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i),
+             JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    runs.append(Process(cmd, e))
+  return runs

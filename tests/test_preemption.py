@@ -2,9 +2,7 @@
 
 * SIGTERM mid-run: a checkpoint at the step reached, exit status 0, and the rerun of the same
   command ends with exactly the parameters of the uninterrupted reference run; a second signal
-  aborts at once; in a two-process run (two fake CPU devices each, `jax.distributed` on
-  loopback) a SIGTERM to one process stops both at the same step, and the rerun matches an
-  uninterrupted two-process run.
+  aborts at once (the two-process case is in tests/test_multihost.py).
 * Unusable checkpoints (silently flipped bytes, a truncated data file, a missing _METADATA): the
   run falls back past each with a one-line warning and ends with the reference's parameters;
   eval of an unusable step is a one-line error.
@@ -17,40 +15,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import threading
-import time
 
 import numpy as np
 import pytest
 
-from cli_runs import REPO, TOTAL_STEPS, command, params, run_cli, steps
-
-
-class _Process:
-  """A command-line run whose output is collected line by line."""
-
-  def __init__(self, cmd, env):
-    self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
-    self.lines = []
-    self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout),
-                                    daemon=True)
-    self._reader.start()
-
-  def wait_for(self, text, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline and self.proc.poll() is None:
-      if any(text in line for line in list(self.lines)):
-        return
-      time.sleep(0.05)
-    raise AssertionError(f'no {text!r} in the output:\n' + ''.join(self.lines)[-4000:])
-
-  def finish(self, timeout=240):
-    rc = self.proc.wait(timeout)
-    self._reader.join(10)
-    return rc, ''.join(self.lines)
+from cli_runs import TOTAL_STEPS, Process, command, params, run_cli, steps
 
 
 def _assert_same_params(workdir, reference, step=TOTAL_STEPS):
@@ -71,7 +41,7 @@ def test_sigterm_saves_the_step_reached_and_the_rerun_matches(reference_run, tmp
   workdir = tmp_path / 'sigterm'
   # Safe changes from the reference's command: the log cadence, train without the evaluation.
   cmd = command(workdir, data_dir, '--config.train.log_every_steps=1', '--config.mode=train')
-  run = _Process(cmd, env)
+  run = Process(cmd, env)
   run.wait_for('step 4/12')
   run.proc.send_signal(signal.SIGTERM)
   rc, log = run.finish()
@@ -86,14 +56,16 @@ def test_sigterm_saves_the_step_reached_and_the_rerun_matches(reference_run, tmp
 
 
 def test_a_second_signal_aborts_at_once(tmp_path, env, data_dir):
-  run = _Process(command(tmp_path / 'twice', data_dir, '--config.train.log_every_steps=1'), env)
+  workdir = tmp_path / 'twice'
+  run = Process(command(workdir, data_dir, '--config.train.log_every_steps=1'), env)
   run.wait_for('step 2/12')
-  run.proc.send_signal(signal.SIGINT)
-  run.wait_for('SIGINT received')
-  run.proc.send_signal(signal.SIGINT)
+  run.proc.send_signal(signal.SIGTERM)
+  run.wait_for('SIGTERM received')
+  run.proc.send_signal(signal.SIGTERM)
   rc, log = run.finish()
-  assert rc == 128 + signal.SIGINT, log[-4000:]
-  assert 'SIGINT again: aborting at once' in log and 'Traceback' not in log
+  assert rc == 128 + signal.SIGTERM, log[-4000:]  # not 0: no clean stop
+  assert 'SIGTERM again: aborting at once' in log and 'stopped by' not in log
+  assert 'Traceback' not in log
 
 
 def _flip_bytes(path):
@@ -189,42 +161,3 @@ def test_a_full_disk_stops_the_run_at_that_save(small_tmpfs, env, data_dir):
   assert steps(workdir) == list(range(3, int(found[0]), 3))
   assert 'Traceback' not in log
   params(workdir, steps(workdir)[-1])  # the last checkpoint before it restores
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def _two_processes(cmd, env):
-  port = _free_port()
-  runs = []
-  for i in range(2):
-    e = dict(env, JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i),
-             JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
-    runs.append(_Process(cmd, e))
-  return runs
-
-
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, env, data_dir):
-  overrides = ('--config.train.per_device_batch_size=1', '--config.train.log_every_steps=1',
-               '--config.mode=train', '--config.train.total_steps=6',
-               '--config.eval.every_steps=6')
-  reference = tmp_path / 'uninterrupted'
-  results = [r.finish() for r in _two_processes(command(reference, data_dir, *overrides), env)]
-  assert [rc for rc, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
-
-  workdir = tmp_path / 'preempted'
-  cmd = command(workdir, data_dir, *overrides)
-  runs = _two_processes(cmd, env)
-  runs[0].wait_for('step 2/6')
-  runs[1].proc.send_signal(signal.SIGTERM)
-  results = [r.finish() for r in runs]
-  assert [rc for rc, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
-  stopped = {_stopped_at(log) for _, log in results}
-  assert len(stopped) == 1 and steps(workdir)[-1] == stopped.pop() < 6
-  results = [r.finish() for r in _two_processes(cmd, env)]
-  assert [rc for rc, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
-  _assert_same_params(workdir, reference, step=6)

@@ -6,7 +6,8 @@ One module, :class:`MaskRCNN`, with two modes of ``__call__``:
   ``{'boxes' (B, D, 4) xyxy, 'scores' (B, D), 'classes' (B, D) int32, 'masks' (B, D, M, M),
   'valid' (B, D) bool}``;
 * training (``train=True``, a `GroundTruth` given, ``rngs={'sampling': key}``): the reference's
-  losses and counters (see :meth:`MaskRCNN.losses`).
+  losses and counters (see :meth:`MaskRCNN.losses`), normalised over this device's batch or,
+  with ``batch_axis`` (the mapped device axis), over the global batch.
 
 The module wires the recipe, as the paper reads: features -> proposals -> targets -> heads ->
 losses. Each step is a named pure function of :mod:`maskrcnn_jax.ops` (``proposals``,
@@ -214,7 +215,8 @@ class MaskRCNN(nn.Module):
     return features
 
   # ------------------------------------------------------------------ entry points
-  def __call__(self, images, image_sizes, gt: GroundTruth | None = None, train: bool = False):
+  def __call__(self, images, image_sizes, gt: GroundTruth | None = None, train: bool = False,
+               batch_axis: str | None = None):
     """Inference (``train=False``) or training losses (``train=True``).
 
     Args:
@@ -224,6 +226,8 @@ class MaskRCNN(nn.Module):
       gt: the batch's `GroundTruth` (training).
       train: select the mode. Training needs ``rngs={'sampling': key}`` and, with
         ``finetune_bn``, ``mutable=['batch_stats']``.
+      batch_axis: training only: None, or the mapped device axis whose devices share one global
+        batch (:meth:`losses`).
 
     Returns:
       Inference: dict of ``boxes`` (B, D, 4) float32 xyxy input-canvas pixels, ``scores``
@@ -234,23 +238,35 @@ class MaskRCNN(nn.Module):
     if train:
       if gt is None:
         raise ValueError('train=True needs the ground truth (gt=GroundTruth(...))')
-      return self.losses(images, image_sizes, gt)
+      return self.losses(images, image_sizes, gt, batch_axis)
     features = self.features(images, train=False)
     anchors = self.anchor_grid(*images.shape[1:3])
     _, _, proposals = self.proposals(features, anchors, image_sizes, train=False)
     return self.detect(features, proposals, image_sizes)
 
-  def losses(self, images, image_sizes, gt: GroundTruth):
+  def losses(self, images, image_sizes, gt: GroundTruth, batch_axis: str | None = None):
     """Training forward: the reference's recipe (:mod:`maskrcnn_jax.ops.targets`).
+
+    Args:
+      images, image_sizes, gt: this device's batch of b images (see ``__call__``).
+      batch_axis: None (the reference under Horovod): each loss is normalised over this batch
+        and image i samples its anchors and RoIs with the i-th of 2b keys split from the
+        'sampling' key. The name of a mapped device axis whose devices hold equal shares of one
+        global batch (the 'sampling' key the same on every device): every normaliser is its
+        mean over the devices (`maskrcnn_jax.ops.losses.device_mean`) and image i of device d
+        samples with ``fold_in(key, d * b + i)``, its index in the global batch, so that the
+        average over devices of the losses (and of their gradients) is the loss of the global
+        batch, the same however the batch is split over devices.
 
     Returns:
       dict of float32 scalars `LOSS_KEYS` (``total_loss`` = the weighted sum of the five terms)
       and int32 `COUNTER_KEYS` (sampled positive anchors and foreground RoIs, summed over the
-      batch).
+      batch). With ``batch_axis`` a loss term is this device's sum over the global normaliser's
+      mean: its mean over devices, not its value alone, is the global batch's loss.
     """
     rpn, roi = self.rpn, self.roi
     batch = images.shape[0]
-    rpn_keys, roi_keys = jnp.split(jax.random.split(self.make_rng('sampling'), 2 * batch), 2)
+    rpn_keys, roi_keys = _image_keys(self.make_rng('sampling'), batch, batch_axis)
 
     # Features, anchors (built once) and proposals (training parameters, no gradient).
     features = self.features(images, train=True)
@@ -283,29 +299,31 @@ class MaskRCNN(nn.Module):
     class_logits, box_deltas = self.box_head(self._pool(features, rois.rois, roi.pooler_size))
     mask_logits = self.mask_head(self._pool(features, fg.rois, self.mask.pooler_size))
 
-    # Losses (normalisations: ops.losses).
+    # Losses (normalisations: ops.losses; over the devices of batch_axis when given).
     levels = sorted(scores)
+    axis = batch_axis
     terms = {
         'rpn_score_loss': loss_ops.rpn_score_loss(
             jnp.concatenate([scores[l] for l in levels], axis=1), anchor_targets.labels,
-            batch * rpn.batch_size_per_image),
+            batch * rpn.batch_size_per_image, axis),
         'rpn_box_loss': (
             loss_ops.multilevel_rpn_box_loss(deltas, anchor_targets.box_targets,
-                                             anchor_targets.positive, rpn.huber_delta)
+                                             anchor_targets.positive, rpn.huber_delta, axis)
             if rpn.box_loss_normalizer == 'positives_per_level' else
             loss_ops.sampled_rpn_box_loss(deltas, anchor_targets.box_targets,
                                           anchor_targets.positive,
-                                          batch * rpn.batch_size_per_image, rpn.huber_delta)),
+                                          batch * rpn.batch_size_per_image, rpn.huber_delta,
+                                          axis)),
         # Mean over the filled RoI slots (= the reference's mean over all slots whenever every
         # slot is filled, which needs fewer eligible candidates than slots to fail).
         'fast_rcnn_class_loss': loss_ops.fast_rcnn_class_loss(class_logits, rois.classes,
-                                                              valid=rois.valid),
+                                                              valid=rois.valid, axis_name=axis),
         'fast_rcnn_box_loss': loss_ops.fast_rcnn_box_loss(
             jnp.take_along_axis(box_deltas, rois.classes[:, :, None, None], axis=2)[:, :, 0],
             rois.box_targets, rois.foreground, roi.huber_delta,
-            None if roi.box_loss_normalizer == 'foreground' else jnp.sum(rois.valid)),
+            None if roi.box_loss_normalizer == 'foreground' else jnp.sum(rois.valid), axis),
         'mask_loss': loss_ops.mask_loss(_class_channel(mask_logits, fg.classes), mask_targets,
-                                        fg.foreground),
+                                        fg.foreground, axis),
     }
     terms['total_loss'] = (terms['rpn_score_loss'] + rpn.box_loss_weight * terms['rpn_box_loss']
                            + terms['fast_rcnn_class_loss']
@@ -314,6 +332,20 @@ class MaskRCNN(nn.Module):
     terms['num_positive_anchors'] = jnp.sum(anchor_targets.positive, dtype=jnp.int32)
     terms['num_foreground_rois'] = jnp.sum(rois.foreground, dtype=jnp.int32)
     return terms
+
+
+def _image_keys(key, batch: int, batch_axis: str | None):
+  """The sampling keys of the batch's images: (rpn_keys, roi_keys), (batch,) keys each.
+
+  batch_axis None: the 2 * batch keys split from ``key`` (this device's batch is the batch).
+  A mapped device axis: image i of device d, the global batch's image d * batch + i, gets the two
+  keys split from fold_in(key, d * batch + i), whatever the number of devices.
+  """
+  if batch_axis is None:
+    return jnp.split(jax.random.split(key, 2 * batch), 2)
+  index = lax.axis_index(batch_axis) * batch + jnp.arange(batch)
+  pairs = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i)))(index)
+  return pairs[:, 0], pairs[:, 1]
 
 
 def _class_channel(mask_logits, classes):

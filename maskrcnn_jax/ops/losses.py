@@ -24,6 +24,12 @@ torchvision's smooth-L1 losses exactly.
 
 All arithmetic is float32 whatever the inputs' dtype; a reduction with nothing to sum is 0 (the
 reference's ``divide_no_nan``), so an image without ground truth trains.
+
+Data parallelism: every loss takes ``axis_name``. None (the reference under Horovod) normalises
+over this device's batch. The name of the mapped device axis replaces each normaliser by its mean
+over the devices (`device_mean`), so that after the one average of the gradients over devices
+the update is that of the global batch's loss, sum of numerators / sum of normalisers, however
+the batch is split.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 def sigmoid_cross_entropy(logits, targets) -> jnp.ndarray:
@@ -67,23 +74,38 @@ def safe_divide(numerator, denominator) -> jnp.ndarray:
   return jnp.where(denominator == 0.0, 0.0, jnp.asarray(numerator, jnp.float32) / safe)
 
 
-def rpn_score_loss(logits, labels, normalizer) -> jnp.ndarray:
+def device_mean(normalizer, axis_name: str | None = None):
+  """A loss normaliser as this device counted it (``axis_name`` None, returned unchanged), or
+  its mean over the devices of the mapped axis ``axis_name`` (``lax.pmean``: the global sum /
+  the number of devices). Each device's loss is then its numerator / that mean, and the average
+  over devices of these losses (and of their gradients) is the global sum of the numerators /
+  the global sum of the normalisers.
+  """
+  if axis_name is None:
+    return normalizer
+  return lax.pmean(jnp.asarray(normalizer, jnp.float32), axis_name)
+
+
+def rpn_score_loss(logits, labels, normalizer, axis_name: str | None = None) -> jnp.ndarray:
   """RPN objectness loss.
 
   Args:
     logits: (..., N) float objectness logits (any leading dims, e.g. (B, N) over all levels).
     labels: (..., N) int: 1 sampled positive, 0 sampled negative, -1 not sampled / ignored.
     normalizer: batch * rpn_batch_size_per_im (the reference; not the sampled count).
+    axis_name: the device axis to average the normaliser over (`device_mean`), or None.
 
   Returns:
     Scalar float32.
   """
   labels = jnp.asarray(labels)
   per_anchor = sigmoid_cross_entropy(logits, labels == 1)
-  return safe_divide(jnp.sum(jnp.where(labels >= 0, per_anchor, 0.0)), normalizer)
+  return safe_divide(jnp.sum(jnp.where(labels >= 0, per_anchor, 0.0)),
+                     device_mean(normalizer, axis_name))
 
 
-def rpn_box_loss(deltas, targets, positive, delta: float = 1.0 / 9.0) -> jnp.ndarray:
+def rpn_box_loss(deltas, targets, positive, delta: float = 1.0 / 9.0,
+                 axis_name: str | None = None) -> jnp.ndarray:
   """RPN box regression loss of one pyramid level (the reference sums this over levels).
 
   Args:
@@ -91,6 +113,7 @@ def rpn_box_loss(deltas, targets, positive, delta: float = 1.0 / 9.0) -> jnp.nda
     targets: (..., N, 4) encoded ground truth (weights (1, 1, 1, 1)).
     positive: (..., N) bool, the sampled positive anchors.
     delta: Huber threshold (the reference: 1/9).
+    axis_name: the device axis to average the normaliser over (`device_mean`), or None.
 
   Returns:
     Scalar float32: sum over positive coordinates / (4 * number of positives).
@@ -98,11 +121,12 @@ def rpn_box_loss(deltas, targets, positive, delta: float = 1.0 / 9.0) -> jnp.nda
   weights = jnp.broadcast_to(jnp.asarray(positive, jnp.float32)[..., None],
                              jnp.shape(targets))
   loss = huber_loss(deltas, targets, delta) * weights
-  return safe_divide(jnp.sum(loss), jnp.sum(weights))
+  return safe_divide(jnp.sum(loss), device_mean(jnp.sum(weights), axis_name))
 
 
 def multilevel_rpn_box_loss(deltas: Mapping[str, jnp.ndarray], targets, positive,
-                            delta: float = 1.0 / 9.0) -> jnp.ndarray:
+                            delta: float = 1.0 / 9.0,
+                            axis_name: str | None = None) -> jnp.ndarray:
   """RPN box loss of every level: :func:`rpn_box_loss` normalised per level, summed.
 
   The reference normalises each level by its own positives (so a level with few positives
@@ -114,6 +138,7 @@ def multilevel_rpn_box_loss(deltas: Mapping[str, jnp.ndarray], targets, positive
     targets: (B, sum N_l, 4) encoded ground truth, levels concatenated in that order.
     positive: (B, sum N_l) bool, the sampled positive anchors.
     delta: Huber threshold (the reference: 1/9).
+    axis_name: the device axis to average each level's normaliser over (`device_mean`), or None.
 
   Returns:
     Scalar float32.
@@ -128,32 +153,37 @@ def multilevel_rpn_box_loss(deltas: Mapping[str, jnp.ndarray], targets, positive
   for level in levels:
     n = deltas[level].shape[1]
     total += rpn_box_loss(deltas[level], targets[:, start:start + n], positive[:, start:start + n],
-                          delta)
+                          delta, axis_name)
     start += n
   return total
 
 
-def fast_rcnn_class_loss(logits, labels, valid=None) -> jnp.ndarray:
+def fast_rcnn_class_loss(logits, labels, valid=None,
+                         axis_name: str | None = None) -> jnp.ndarray:
   """Box-head classification loss: mean softmax CE over the (valid) sampled RoIs.
 
   logits: (..., R, K); labels: (..., R) int, 0 = background; valid: optional (..., R) bool (the
-  reference counts every RoI slot, padding included, which is ``valid=None``).
+  reference counts every RoI slot, padding included, which is ``valid=None``); axis_name: the
+  device axis to average the RoI count over (`device_mean`), or None.
   """
   per_roi = softmax_cross_entropy(logits, labels)
   if valid is None:
-    return jnp.mean(per_roi)
+    if axis_name is None:
+      return jnp.mean(per_roi)
+    valid = jnp.ones(per_roi.shape, jnp.bool_)
   valid = jnp.asarray(valid, jnp.float32)
-  return safe_divide(jnp.sum(per_roi * valid), jnp.sum(valid))
+  return safe_divide(jnp.sum(per_roi * valid), device_mean(jnp.sum(valid), axis_name))
 
 
 def sampled_rpn_box_loss(deltas: Mapping[str, jnp.ndarray], targets, positive, normalizer,
-                         delta: float = 1.0 / 9.0) -> jnp.ndarray:
+                         delta: float = 1.0 / 9.0, axis_name: str | None = None) -> jnp.ndarray:
   """RPN box loss of every level at once, torchvision's normalisation: the Huber loss summed over
   the positive anchors' coordinates of all levels / `normalizer` (torchvision: the number of
   sampled anchors, batch * rpn batch_size_per_image).
 
   deltas: level -> (B, N_l, 4), levels in sorted key order as the blocks of ``targets``
-  (B, sum N_l, 4) and ``positive`` (B, sum N_l) bool. Scalar float32.
+  (B, sum N_l, 4) and ``positive`` (B, sum N_l) bool; axis_name: the device axis to average the
+  normaliser over (`device_mean`), or None. Scalar float32.
   """
   predictions = jnp.concatenate([jnp.asarray(deltas[l], jnp.float32) for l in sorted(deltas)],
                                 axis=1)
@@ -161,31 +191,33 @@ def sampled_rpn_box_loss(deltas: Mapping[str, jnp.ndarray], targets, positive, n
     raise ValueError(f'the levels hold {predictions.shape[1]} anchors, the targets '
                      f'{targets.shape[1]} and the positive mask {positive.shape[1]}')
   loss = huber_loss(predictions, targets, delta) * jnp.asarray(positive, jnp.float32)[..., None]
-  return safe_divide(jnp.sum(loss), normalizer)
+  return safe_divide(jnp.sum(loss), device_mean(normalizer, axis_name))
 
 
 def fast_rcnn_box_loss(deltas, targets, foreground, delta: float = 1.0,
-                       normalizer=None) -> jnp.ndarray:
+                       normalizer=None, axis_name: str | None = None) -> jnp.ndarray:
   """Box-head regression loss on the ground-truth class's deltas of foreground RoIs.
 
   deltas: (..., R, 4) already selected for each RoI's ground-truth class; targets: (..., R, 4)
   encoded with weights (10, 10, 5, 5); foreground: (..., R) bool. Returns a float32 scalar:
   sum / (4 * number of foreground RoIs) (the reference), or sum / `normalizer` when one is given
-  (torchvision: the number of sampled RoIs).
+  (torchvision: the number of sampled RoIs); axis_name: the device axis to average the
+  normaliser over (`device_mean`), or None.
   """
   if normalizer is None:
-    return rpn_box_loss(deltas, targets, foreground, delta)
+    return rpn_box_loss(deltas, targets, foreground, delta, axis_name)
   loss = huber_loss(deltas, targets, delta) * jnp.asarray(foreground, jnp.float32)[..., None]
-  return safe_divide(jnp.sum(loss), normalizer)
+  return safe_divide(jnp.sum(loss), device_mean(normalizer, axis_name))
 
 
-def mask_loss(logits, targets, foreground) -> jnp.ndarray:
+def mask_loss(logits, targets, foreground, axis_name: str | None = None) -> jnp.ndarray:
   """Mask loss on the ground-truth class's mask logits of foreground RoIs.
 
   logits: (..., R, M, M) selected for each RoI's class; targets: (..., R, M, M) in {0, 1};
-  foreground: (..., R) bool. Returns a float32 scalar: sum / (foreground RoIs * M * M).
+  foreground: (..., R) bool; axis_name: the device axis to average the normaliser over
+  (`device_mean`), or None. Returns a float32 scalar: sum / (foreground RoIs * M * M).
   """
   weights = jnp.broadcast_to(jnp.asarray(foreground, jnp.float32)[..., None, None],
                              jnp.shape(logits))
   loss = sigmoid_cross_entropy(logits, targets) * weights
-  return safe_divide(jnp.sum(loss), jnp.sum(weights))
+  return safe_divide(jnp.sum(loss), device_mean(jnp.sum(weights), axis_name))

@@ -52,9 +52,11 @@ def checkpoint_dir(workdir: str) -> str:
 def create_manager(workdir: str, max_to_keep: int = 5, save_interval_steps: int = 1,
                    asynchronous: bool = True) -> ocp.CheckpointManager:
   """A manager over ``<workdir>/checkpoints``; ``save_interval_steps`` filters `save` calls."""
+  # The preservation policy replaces CheckpointManagerOptions.max_to_keep (deprecated by Orbax).
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-      enable_async_checkpointing=asynchronous, create=True)
+      preservation_policy=ocp.checkpoint_managers.LatestN(int(max_to_keep)),
+      save_interval_steps=save_interval_steps, enable_async_checkpointing=asynchronous,
+      create=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=(STATE_ITEM, META_ITEM))
 

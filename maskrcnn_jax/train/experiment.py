@@ -8,7 +8,9 @@ the same by construction. The other ``build_*`` functions here are the only read
 config besides ``main`` and the loop; everything they build takes explicit arguments.
 
 Random keys: ``PRNGKey(config.seed)`` is split into the initialisation key and the step key;
-step s on device d samples with ``fold_in(fold_in(step_key, s), d)``.
+step s on device d samples with ``fold_in(fold_in(step_key, s), d)`` (``train.loss_normalization
+= 'per_device'``); with 'global', every device gets ``fold_in(step_key, s)`` and the model folds
+in each image's index in the global batch (:func:`maskrcnn_jax.train.step.train_step`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ def build_optimizer(config, params) -> tuple[Any, Callable]:
   """(optax transformation, learning-rate schedule) of config.train for these params."""
   return opt_lib.make_optimizer(settings.OptimizerSettings.from_config(config.train), params,
                                 build_frozen_mask(config, params))
+
+
+def build_loss_normalization(config) -> str:
+  """config.train.loss_normalization: 'per_device' or 'global' (`step_lib.train_step`)."""
+  return settings.read_key(config, 'train.loss_normalization',
+                           settings.choice(*settings.LOSS_NORMALIZATIONS))
 
 
 def build_loss_scale(config) -> precision.LossScale:
@@ -167,8 +175,21 @@ class Experiment:
 
 
 def build_experiment(config, devices: Sequence[Any] | None = None) -> Experiment:
-  """The `Experiment` of `config` on `devices` (default: every local device)."""
-  devices = list(devices) if devices is not None else jax.local_devices()
+  """The `Experiment` of `config` on `devices` (default: every device of every process).
+
+  By default the steps are pmapped over all devices (``jax.pmap(devices=None)``): in a
+  multi-process run the collectives (the gradient average, the metrics) then span every process,
+  and `Experiment.devices` (what this process replicates the state onto and feeds) are its local
+  devices. An explicit `devices` list (a subset, single process only) maps over those alone: pmap
+  with ``devices=`` is local to each process, so its collectives would not cross processes.
+  """
+  if devices is None:
+    devices, pmap_devices = jax.local_devices(), None
+  else:
+    if jax.process_count() > 1:
+      raise ValueError('build_experiment(devices=...) in a multi-process run: the steps would '
+                       'average gradients within each process only; leave devices=None')
+    devices = pmap_devices = list(devices)
   model = build_model(config)
   init_key, step_key = jax.random.split(jax.random.PRNGKey(int(config.seed)))
   image_size = tuple(config.data.image_size)
@@ -187,11 +208,12 @@ def build_experiment(config, devices: Sequence[Any] | None = None) -> Experiment
       mutable_batch_stats=bool(config.model.backbone.finetune_bn),
       accumulation_steps=int(config.train.gradient_accumulation_steps),
       l2_weight_decay=float(config.train.l2_weight_decay),
-      trainable_mask=jax.tree_util.tree_map(lambda f: not f, frozen_mask))
+      trainable_mask=jax.tree_util.tree_map(lambda f: not f, frozen_mask),
+      loss_normalization=build_loss_normalization(config))
   infer_fn = step_lib.make_infer_step(model, mean, std, dtype)
   return Experiment(
       config=config, model=model, devices=devices, tx=tx, schedule=schedule,
       loss_scale=loss_scale, frozen_mask=frozen_mask, abstract_variables=abstract_variables,
       abstract_state=abstract_state, init_key=init_key, step_key=step_key,
-      train_step=step_lib.pmap_train_step(train_fn, devices),
-      infer_step=step_lib.pmap_infer_step(infer_fn, devices))
+      train_step=step_lib.pmap_train_step(train_fn, pmap_devices),
+      infer_step=step_lib.pmap_infer_step(infer_fn, pmap_devices))

@@ -28,6 +28,7 @@ from typing import Any, Callable, NamedTuple
 
 import flax.jax_utils
 import jax
+import numpy as np
 
 from maskrcnn_jax import configs
 from maskrcnn_jax import inference
@@ -112,7 +113,16 @@ def _writer(workdir: str):
   return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
 
+def _to_host(collection):
+  """Device 0's copy of the replicated metrics, as NumPy (one device-to-host copy; no gather
+  on the devices, unlike indexing the pmapped arrays); None stays None."""
+  if collection is None:
+    return None
+  return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x))[0], collection)
+
+
 def _check_finite(collection, precision_name: str, manager) -> None:
+  """NonFiniteLossError when the metrics read back (`_to_host`) saw a non-finite loss."""
   if collection is None or precision_name == 'float16':
     return  # float16 overflows are skipped updates, not errors
   bad = metrics_lib.first_nonfinite_step(collection)
@@ -247,12 +257,13 @@ def train(config, workdir: str, evaluate_every: bool = False) -> TrainResult:
       for step in range(start, total):
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
           state, m = exp.train_step(state, next(batches))
-        m = jax.tree_util.tree_map(lambda x: x[0], m)  # replicated: keep device 0's copy
+        # Merged on the devices (replicated, one copy per device); read back once per interval.
         collection = m if collection is None else collection.merge(m)
         done = step + 1
         progress.step_done(done)
         saved = False
         if done % log_every == 0 or done == total:
+          collection = _to_host(collection)
           _check_finite(collection, config.model.precision, job.manager)
           scalars = metrics_lib.scalars(collection)
           now = time.time()
@@ -263,13 +274,13 @@ def train(config, workdir: str, evaluate_every: bool = False) -> TrainResult:
           progress.log(done, scalars)
           collection = None
         if done % ckpt_every == 0 or done == total:
-          _check_finite(collection, config.model.precision, job.manager)
+          _check_finite(_to_host(collection), config.model.precision, job.manager)
           job.save(state, done)
           saved = True
         ckpt.check_saves(job.manager)
         signum = stops.should_stop()
         if signum and done < total:
-          _check_finite(collection, config.model.precision, job.manager)
+          _check_finite(_to_host(collection), config.model.precision, job.manager)
           _stop(job, state, done, signum, saved)
         if evaluate_every and done % eval_every == 0 and done != total:
           job.evaluate(state.variables, done, writer)

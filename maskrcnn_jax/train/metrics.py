@@ -41,7 +41,11 @@ class TrainMetrics(metrics.Collection):
   """Per-step outputs averaged over devices and over the steps since the last read-out.
 
   Losses as the model reports them (``total_loss`` is the model's sum, without the L2 term,
-  which is reported on its own as ``l2_loss`` = 0.5 * l2_weight_decay * sum of squared kernels);
+  which is reported on its own as ``l2_loss`` = 0.5 * l2_weight_decay * sum of squared kernels),
+  averaged over devices: with ``train.loss_normalization = 'per_device'`` the mean of the
+  devices' losses, each normalised over its own share of the batch; with 'global' the loss of
+  the global batch (each device's numerator over the devices' mean normaliser, averaged: the sum
+  of the numerators over the sum of the normalisers);
   ``grad_norm`` is the global norm of the loss gradient (after averaging over devices and
   unscaling, before L2, clipping and the bias multiplier); ``num_positive_anchors`` and
   ``num_foreground_rois`` are per image; ``update_skipped`` is the fraction of steps whose update

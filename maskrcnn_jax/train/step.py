@@ -3,10 +3,14 @@
 Both are pure functions of their array arguments with everything else bound by
 ``functools.partial`` (see `make_train_step`). Collectives name the axis ``'batch'`` and nothing
 else depends on how the step is mapped over devices, so the same function runs under
-``jax.pmap(axis_name='batch')`` (the loop) or could run under ``jax.shard_map`` with a mesh axis of
-that name. The gradients are averaged across devices exactly once (``lax.pmean``), as Horovod's
-allreduce in the reference: each device's loss is normalised over its own batch and the gradients
-are averaged.
+``jax.pmap(axis_name='batch')`` (the loop) or under ``jax.jit(jax.shard_map(...))`` over a mesh
+axis of that name, the state replicated (``P()``) and the batch split (``P('batch')``), with the
+same results (``tests/train/test_shard_map.py``). The gradients are averaged across devices
+exactly once (``lax.pmean``), as Horovod's allreduce in the reference. What is averaged is chosen
+by ``train.loss_normalization``:
+``'per_device'`` (the reference): each device's loss is normalised over its own batch;
+``'global'``: over the global batch (the model's ``batch_axis``), so the update is the same
+however the batch is split over devices (see `train_step`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from jax import lax
 
 from maskrcnn_jax.data.spec import INFER_KEYS, TRAIN_KEYS, GroundTruth
 from maskrcnn_jax.modeling import LOSS_KEYS, normalize_images
+from maskrcnn_jax.settings import LOSS_NORMALIZATIONS
 from maskrcnn_jax.train import metrics as metrics_lib
 from maskrcnn_jax.train import precision
 from maskrcnn_jax.train.state import TrainState
@@ -50,7 +55,8 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model, tx,
                schedule: Callable, key: jax.Array, pixel_mean: Sequence[float],
                pixel_std: Sequence[float], dtype, mutable_batch_stats: bool,
                accumulation_steps: int = 1, l2_weight_decay: float = 0.0,
-               trainable_mask: Any = None) -> tuple[TrainState, metrics_lib.TrainMetrics]:
+               trainable_mask: Any = None, loss_normalization: str = 'per_device'
+               ) -> tuple[TrainState, metrics_lib.TrainMetrics]:
   """One training step on this device's share of the batch.
 
   Args:
@@ -58,29 +64,46 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model, tx,
     batch: this device's batch (`TRAIN_KEYS` of the batch contract, per-device batch size b):
       images (b, H, W, 3) uint8, image_sizes (b, 2) int32, gt_boxes (b, N, 4) float32 xyxy,
       gt_classes (b, N) int32, gt_masks (b, N, S, S) uint8, gt_valid, gt_is_crowd (b, N) bool.
-    model: the flax module; its train forward returns the loss dict (`LOSS_KEYS` and the counters
-      ``num_positive_anchors``, ``num_foreground_rois``).
+    model: the flax module; its train forward (``train=True``, ``batch_axis``) returns the loss
+      dict (`LOSS_KEYS` and the counters ``num_positive_anchors``, ``num_foreground_rois``).
     tx, schedule: the optimizer and its learning rate as a function of the update count.
-    key: base PRNG key; step s on device d samples with fold_in(fold_in(key, s), d).
+    key: base PRNG key; with 'per_device', step s on device d samples with
+      fold_in(fold_in(key, s), d); with 'global', every device gets fold_in(key, s) and the model
+      folds in each image's index in the global batch.
     pixel_mean, pixel_std, dtype: image normalisation and compute dtype.
     mutable_batch_stats: True with trainable batch norm (``finetune_bn``).
     accumulation_steps: k of optax.MultiSteps (the learning rate reported is that of update
       step // k).
     l2_weight_decay: only for the reported ``l2_loss`` (the optimizer applies the decay).
     trainable_mask: params-shaped bools; gradients of False leaves are left out of grad_norm.
+    loss_normalization: 'per_device' (the reference under Horovod): each device normalises its
+      losses over its own batch, so the update depends on how the batch is split. 'global':
+      each normaliser is its mean over the devices (`MaskRCNN.losses` with ``batch_axis``) and
+      the sampling keys are those of the images' global indices, so the one average of the
+      gradients is the gradient of the global batch's loss (sum of numerators / sum of
+      normalisers), the same on 1 device x 4 images as on 4 devices x 1 (up to float
+      rounding). Not covered: per-device batch statistics with ``finetune_bn``, and gradient
+      accumulation, whose micro-batches are normalised one by one.
 
   Returns:
-    The new state and a `TrainMetrics` collection (already reduced over devices).
+    The new state and a `TrainMetrics` collection (already reduced over devices). Its loss
+    terms are averages over devices (and over the steps merged): with 'per_device' the mean of
+    the devices' losses, each over its own share of the batch; with 'global' the loss of the
+    global batch.
   """
   step = state.step
-  rng = jax.random.fold_in(jax.random.fold_in(key, step), lax.axis_index(AXIS))
+  if loss_normalization == 'global':
+    rng, batch_axis = jax.random.fold_in(key, step), AXIS
+  else:
+    rng = jax.random.fold_in(jax.random.fold_in(key, step), lax.axis_index(AXIS))
+    batch_axis = None
   images = _normalize(batch, pixel_mean, pixel_std, dtype)
   scale = state.loss_scale.scale
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
     args = (variables, images, batch['image_sizes'], GroundTruth.from_batch(batch))
-    kwargs = dict(train=True, rngs={'sampling': rng})
+    kwargs = dict(train=True, batch_axis=batch_axis, rngs={'sampling': rng})
     if mutable_batch_stats:
       out, updated = model.apply(*args, mutable=['batch_stats'], **kwargs)
       batch_stats = updated['batch_stats']
@@ -90,7 +113,11 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model, tx,
     # float16: scale the loss so that small gradients survive the backward pass.
     return out['total_loss'].astype(jnp.float32) * scale, (out, batch_stats)
 
-  grads, (out, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  # The gradient of this device's loss alone. Under jax.shard_map (check_vma) a replicated input
+  # is invariant over AXIS and its gradient would come back already summed over the devices;
+  # marked varying it does not, and the pmean below averages as under pmap (a no-op there).
+  device_params = lax.pcast(state.params, AXIS, to='varying')
+  grads, (out, batch_stats) = jax.grad(loss_fn, has_aux=True)(device_params)
   # The one cross-device reduction of the gradients.
   grads = lax.pmean(grads, AXIS)
   grads = jax.tree_util.tree_map(lambda g: g / scale, grads)
@@ -135,13 +162,18 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model, tx,
 
 def make_train_step(model, tx, schedule, key, pixel_mean, pixel_std, dtype,
                     mutable_batch_stats: bool, accumulation_steps: int = 1,
-                    l2_weight_decay: float = 0.0, trainable_mask=None) -> Callable:
+                    l2_weight_decay: float = 0.0, trainable_mask=None,
+                    loss_normalization: str = 'per_device') -> Callable:
   """The per-device train step with everything but (state, batch) bound."""
+  if loss_normalization not in LOSS_NORMALIZATIONS:
+    raise ValueError(f'loss_normalization {loss_normalization!r} is not one of '
+                     f'{list(LOSS_NORMALIZATIONS)}')
   return functools.partial(
       train_step, model=model, tx=tx, schedule=schedule, key=key,
       pixel_mean=tuple(pixel_mean), pixel_std=tuple(pixel_std), dtype=dtype,
       mutable_batch_stats=mutable_batch_stats, accumulation_steps=accumulation_steps,
-      l2_weight_decay=l2_weight_decay, trainable_mask=trainable_mask)
+      l2_weight_decay=l2_weight_decay, trainable_mask=trainable_mask,
+      loss_normalization=loss_normalization)
 
 
 def replicate(tree, devices=None):

@@ -96,3 +96,62 @@ def test_empty_reductions_are_zero_with_finite_gradients():
   mask_value = losses.mask_loss(jnp.ones((3, 2, 2)), jnp.ones((3, 2, 2)), none)
   assert float(mask_value) == 0.0
   assert float(losses.rpn_score_loss(jnp.ones((5,)), -jnp.ones((5,), jnp.int32), 256)) == 0.0
+
+
+def test_normalisers_averaged_over_devices_give_the_whole_batch_loss():
+  """axis_name: each normaliser is its mean over the devices, so the mean over 4 devices x 1
+  image of the losses is the loss of the 4 images on one device (vmap with an axis name stands
+  in for pmap); without it the data-dependent normalisations are per device and it is not."""
+  rng = np.random.default_rng(5)
+  b, n, r, m, k = 4, 30, 12, 6, 5
+  fraction = np.array([0.05, 0.2, 0.5, 0.8])[:, None]  # unequal counts per image
+  a = dict(
+      logits=rng.normal(size=(b, n)).astype(np.float32), labels=rng.integers(-1, 2, (b, n)),
+      deltas=rng.normal(size=(b, n, 4)).astype(np.float32),
+      targets=rng.normal(size=(b, n, 4)).astype(np.float32),
+      positive=rng.uniform(size=(b, n)) < fraction,
+      class_logits=rng.normal(size=(b, r, k)).astype(np.float32),
+      classes=rng.integers(0, k, (b, r)), valid=rng.uniform(size=(b, r)) < fraction + 0.1,
+      box=rng.normal(size=(b, r, 4)).astype(np.float32),
+      box_targets=rng.normal(size=(b, r, 4)).astype(np.float32),
+      foreground=rng.uniform(size=(b, r)) < fraction,
+      mask_logits=rng.normal(size=(b, r, m, m)).astype(np.float32),
+      mask_targets=(rng.uniform(size=(b, r, m, m)) < 0.5).astype(np.float32))
+
+  def levels(x):
+    return {'p2': x['deltas'][:, :20], 'p3': x['deltas'][:, 20:]}
+
+  cases = {  # name -> (loss of a batch dict with axis_name, normaliser data-dependent)
+      'rpn_score': (lambda x, ax: losses.rpn_score_loss(
+          x['logits'], x['labels'], x['logits'].shape[0] * 16, ax), False),
+      'rpn_box per level': (lambda x, ax: losses.multilevel_rpn_box_loss(
+          levels(x), x['targets'], x['positive'], axis_name=ax), True),
+      'rpn_box sampled': (lambda x, ax: losses.sampled_rpn_box_loss(
+          levels(x), x['targets'], x['positive'], x['logits'].shape[0] * 16, axis_name=ax),
+                          False),
+      'class': (lambda x, ax: losses.fast_rcnn_class_loss(
+          x['class_logits'], x['classes'], x['valid'], ax), True),
+      'class, every slot': (lambda x, ax: losses.fast_rcnn_class_loss(
+          x['class_logits'], x['classes'], axis_name=ax), False),
+      'box foreground': (lambda x, ax: losses.fast_rcnn_box_loss(
+          x['box'], x['box_targets'], x['foreground'], axis_name=ax), True),
+      'box sampled': (lambda x, ax: losses.fast_rcnn_box_loss(
+          x['box'], x['box_targets'], x['foreground'], normalizer=jnp.sum(x['valid']),
+          axis_name=ax), True),
+      'mask': (lambda x, ax: losses.mask_loss(
+          x['mask_logits'], x['mask_targets'], x['foreground'], ax), True),
+  }
+  def every_loss(x, axis_name):
+    return {name: loss(x, axis_name) for name, (loss, _) in cases.items()}
+
+  split = {key: v.reshape((b, 1) + v.shape[1:]) for key, v in a.items()}
+  whole = jax.jit(lambda x: every_loss(x, None))(a)
+  spread = jax.jit(jax.vmap(lambda x: every_loss(x, 'devices'), axis_name='devices'))(split)
+  per_device = jax.jit(jax.vmap(lambda x: every_loss(x, None)))(split)
+  for name, (_, data_dependent) in cases.items():
+    value = float(whole[name])
+    assert float(jnp.mean(spread[name])) == pytest.approx(value, rel=1e-5), name
+    if data_dependent:
+      assert abs(float(jnp.mean(per_device[name])) - value) > 1e-3 * abs(value), name
+    else:
+      assert float(jnp.mean(per_device[name])) == pytest.approx(value, rel=1e-5), name

@@ -1,6 +1,5 @@
 """Shared set-up of the train-step tests: the toy model with the real optimizer and step."""
 
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +40,7 @@ def random_variables(model, seed=0):
 
 
 def setup(freeze_at=2, dtype=jnp.float32, dynamic_scale=False, initial_scale=2.0 ** 12,
-          growth_interval=2000, **opt):
+          growth_interval=2000, loss_normalization='per_device', **opt):
   """(model, unreplicated state, per-device step function) for the toy model."""
   model = toy_model.ToyDetector(dtype=dtype)
   variables = random_variables(model)
@@ -54,7 +53,8 @@ def setup(freeze_at=2, dtype=jnp.float32, dynamic_scale=False, initial_scale=2.0
       model, tx, schedule, jax.random.PRNGKey(1), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), dtype,
       mutable_batch_stats=False, accumulation_steps=s.gradient_accumulation_steps,
       l2_weight_decay=s.l2_weight_decay,
-      trainable_mask=jax.tree_util.tree_map(lambda f: not f, frozen))
+      trainable_mask=jax.tree_util.tree_map(lambda f: not f, frozen),
+      loss_normalization=loss_normalization)
   return model, state, fn
 
 

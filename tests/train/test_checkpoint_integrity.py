@@ -146,3 +146,12 @@ def test_too_little_free_space_fails_before_writing(tmp_path, monkeypatch):
   with pytest.raises(ckpt.CheckpointSaveError, match=r'no space for the checkpoint of step 3'):
     ckpt.save(manager, 3, _state(3), force=True)
   assert not os.listdir(tmp_path / 'checkpoints')
+
+
+def test_the_manager_keeps_the_latest_max_to_keep(tmp_path):
+  manager = ckpt.create_manager(str(tmp_path), max_to_keep=2)
+  for s in (1, 2, 3, 4):
+    ckpt.save(manager, s, _state(s), force=True)
+  ckpt.check_saves(manager, wait=True)
+  manager.close()
+  assert ckpt.checkpoint_steps(str(tmp_path)) == [3, 4]

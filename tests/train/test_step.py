@@ -86,8 +86,9 @@ def test_float32_non_finite_loss_is_reported_with_its_step():
   acc = None
   for b in [helpers.batch(seed=1), helpers.batch(seed=2), bad, helpers.batch(seed=3)]:
     rep, m = p(rep, step_lib.shard(b, step_lib.TRAIN_KEYS, 1))
-    m = jax.tree_util.tree_map(lambda x: x[0], m)
-    acc = m if acc is None else acc.merge(m)
+    acc = m if acc is None else acc.merge(m)  # on the device, as the loop merges
+  from maskrcnn_jax.train import loop  # pylint: disable=import-outside-toplevel
+  acc = loop._to_host(acc)  # pylint: disable=protected-access
   assert metrics_lib.first_nonfinite_step(acc) == 2
 
   class Manager:  # what the loop's check reads of the checkpoint manager
@@ -97,11 +98,19 @@ def test_float32_non_finite_loss_is_reported_with_its_step():
     def latest_step():
       return 2
 
-  from maskrcnn_jax.train import loop  # pylint: disable=import-outside-toplevel
-  message = r'not finite at step 2 .*latest checkpoint, step 2'
+  message = r'not finite at step 2 .*latest checkpoint, step 2 .*saved from finite losses'
   with pytest.raises(loop.NonFiniteLossError, match=message):
     loop._check_finite(acc, 'float32', Manager)  # pylint: disable=protected-access
   loop._check_finite(acc, 'float16', Manager)  # float16: skipped updates, not an error
+
+  class NoCheckpoint(Manager):
+    @staticmethod
+    def latest_step():
+      return None
+
+  with pytest.raises(loop.NonFiniteLossError, match=r'step 2 .*No checkpoint was saved before it '
+                     r'\(a rerun starts from scratch\)\. Try a lower train\.learning_rate'):
+    loop._check_finite(acc, 'float32', NoCheckpoint)  # pylint: disable=protected-access
 
 
 def test_gradient_accumulation_equals_the_large_batch_update():

@@ -4,12 +4,13 @@ Its parameters are named like the real backbone's (``backbone/conv1``, ``bn1``, 
 ``layer2``) so that `maskrcnn_jax.modeling.frozen_param_mask` applies, plus a dense head with a
 bias. The loss is a per-example mean (a regression of the mean ground-truth box from pooled
 features), so the gradient of a batch is the mean of per-example gradients and data parallelism
-must reproduce the single-device update exactly.
+must reproduce the single-device update exactly. With ``batch_axis`` (``loss_normalization=
+'global'``) its normaliser, the per-device batch size, is averaged over the devices.
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+from jax import lax
 
 from maskrcnn_jax.modeling import layers
 
@@ -33,7 +34,7 @@ class ToyDetector(nn.Module):
   mask_size: int = 4
 
   @nn.compact
-  def __call__(self, images, image_sizes, gt=None, train=False):
+  def __call__(self, images, image_sizes, gt=None, train=False, batch_axis=None):
     feat = ToyBackbone(self.dtype, name='backbone')(images)
     pooled = feat.astype(jnp.float32).mean((1, 2))
     pred = nn.Dense(4, name='box_head')(pooled)  # (B, 4)
@@ -50,7 +51,10 @@ class ToyDetector(nn.Module):
     valid = gt.valid.astype(jnp.float32)[..., None]
     target = (gt.boxes * valid).sum(1) / jnp.maximum(valid.sum(1), 1.0) / 100.0
     per_example = jnp.sum((pred - target) ** 2, axis=-1)
-    loss = jnp.mean(per_example)
+    if batch_axis is None:
+      loss = jnp.mean(per_example)
+    else:
+      loss = jnp.sum(per_example) / lax.pmean(jnp.float32(per_example.shape[0]), batch_axis)
     zero = jnp.zeros((), jnp.float32)
     return {'rpn_score_loss': loss, 'rpn_box_loss': zero, 'fast_rcnn_class_loss': zero,
             'fast_rcnn_box_loss': zero, 'mask_loss': zero, 'total_loss': loss,

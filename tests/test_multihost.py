@@ -1,0 +1,87 @@
+"""Multi-host training through the command line: two processes on loopback (`jax.distributed`,
+coordinator 127.0.0.1, `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`), two fake CPU devices each, as a
+cluster runs them (tests/cli_runs.py `two_processes`).
+
+* train_and_eval on two processes x two devices ends with the parameters of one process with four
+  devices (the same global batch of 4; up to all-reduce rounding), evaluates every image exactly
+  once with the single process's metrics, and only process 0 writes the workdir's files;
+* a SIGTERM to one of the two processes stops both at the same step with a checkpoint, and rerunning
+  both ends with the uninterrupted two-process run's parameters exactly.
+(How the hosts split each batch and the evaluation images is tested in-process by
+tests/data/test_coco_sample.py.)
+"""
+
+import collections
+import json
+import re
+import signal
+
+import numpy as np
+import pytest
+
+from cli_runs import Process, command, params, steps, two_processes
+
+STEPS = 6
+OVERRIDES = ('--config.train.per_device_batch_size=1', '--config.eval.per_device_batch_size=1',
+             '--config.train.log_every_steps=1', f'--config.train.total_steps={STEPS}',
+             f'--config.eval.every_steps={STEPS}')
+
+
+def _finish_all(runs):
+  results = [r.finish() for r in runs]
+  assert [rc for rc, _ in results] == [0] * len(runs), '\n'.join(log[-3000:] for _, log in results)
+  return [log for _, log in results]
+
+
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory, env, data_dir):
+  workdir = tmp_path_factory.mktemp('multihost') / 'uninterrupted'
+  logs = _finish_all(two_processes(command(workdir, data_dir, *OVERRIDES), env))
+  return workdir, logs
+
+
+def _results_per_image(workdir):
+  path = workdir / f'coco_results_step{STEPS}.json'
+  return collections.Counter(r['image_id'] for r in json.loads(path.read_text()))
+
+
+def test_two_processes_train_and_evaluate_as_one_process_with_four_devices(
+    two_process_run, tmp_path, env, data_dir):
+  workdir, logs = two_process_run
+  single = tmp_path / 'single'
+  _finish_all([Process(command(single, data_dir, *OVERRIDES),
+                       dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=4'))])
+  assert 'devices: 2 local, 4 global, 2 processes' in logs[0]
+  expected, got = params(single, STEPS), params(workdir, STEPS)
+  assert expected.keys() == got.keys()
+  worst = max(float(np.max(np.abs(got[k] - expected[k]))) for k in expected)
+  assert worst < 1e-6, worst
+  # Evaluation: every image once (gathered from both hosts), the single process's metrics.
+  assert _results_per_image(workdir) == _results_per_image(single)
+  [line] = [json.loads(l) for l in (workdir / 'eval_metrics.jsonl').read_text().splitlines()]
+  [ref] = [json.loads(l) for l in (single / 'eval_metrics.jsonl').read_text().splitlines()]
+  assert line.keys() == ref.keys()
+  for key in ref:
+    assert abs(line[key] - ref[key]) < 1e-6, (key, line[key], ref[key])
+  # Only process 0 writes: one event file, one config record, one metrics line; process 1 logs
+  # no evaluation.
+  assert len(list(workdir.glob('events.out.tfevents.*'))) == 1
+  assert len(list((workdir / 'config_history').iterdir())) == 1
+  assert 'evaluation at step' in logs[0] and 'evaluation at step' not in logs[1]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(two_process_run, tmp_path, env,
+                                                                data_dir):
+  workdir = tmp_path / 'preempted'
+  cmd = command(workdir, data_dir, *OVERRIDES, '--config.mode=train')
+  runs = two_processes(cmd, env)
+  runs[0].wait_for(f'step 2/{STEPS}')
+  runs[1].proc.send_signal(signal.SIGTERM)
+  logs = _finish_all(runs)
+  stopped = {int(s) for log in logs for s in re.findall(r'stopped by SIGTERM at step (\d+)', log)}
+  assert len(stopped) == 1, logs
+  assert steps(workdir)[-1] == stopped.pop() < STEPS
+  _finish_all(two_processes(cmd, env))
+  expected, got = params(two_process_run[0], STEPS), params(workdir, STEPS)
+  for name in expected:
+    np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
