@@ -1,6 +1,9 @@
 # make test : create .venv when missing, install the pinned requirements and run the test suite.
 # make demo : train and evaluate on the synthetic shapes dataset on the CPU (see README).
-PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3)
+# The newest Python >= 3.12 that runs (a pyenv shim may exist and fail, hence the test run), else
+# python3 (3.11 gets jax 0.10, see requirements.txt). Override with PYTHON=/path/to/python.
+PYTHON ?= $(shell for p in python3.13 python3.12; do \
+  $$p -c 'import sys' >/dev/null 2>&1 && { command -v $$p; exit 0; }; done; command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_WORKERS ?= 2

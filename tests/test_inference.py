@@ -159,7 +159,9 @@ def test_predict_command_writes_the_evaluation_results(workdir, tmp_path):
   for g, w in zip(sorted(got, key=key), sorted(want, key=key)):
     assert g['file_name'] == f"{g['image_id']:012d}.jpg"
     assert (g['image_id'], g['category_id']) == (w['image_id'], w['category_id'])
-    assert abs(g['score'] - w['score']) <= 1e-5
+    # Scores are rounded to 5 decimals: equal up to one unit of the last, since the two paths'
+    # float32 scores may straddle a rounding boundary (0.99032 vs 0.99033 on jax 0.12).
+    assert abs(g['score'] - w['score']) <= 1.5e-5
     np.testing.assert_allclose(g['bbox'], w['bbox'], atol=2e-3)
     assert g['segmentation'] == w['segmentation']
   pictures = sorted(p.name for p in out.iterdir() if p.suffix == '.png')

@@ -149,7 +149,7 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model, tx,
   outputs = {k: out[k].astype(jnp.float32) for k in LOSS_KEYS}
   outputs.update(
       l2_loss=l2_loss(state.params, l2_weight_decay),
-      grad_norm=optax.global_norm(norm_grads),
+      grad_norm=optax.tree.norm(norm_grads),
       num_positive_anchors=out['num_positive_anchors'].astype(jnp.float32) / b,
       num_foreground_rois=out['num_foreground_rois'].astype(jnp.float32) / b,
       update_skipped=skipped.astype(jnp.float32),
