@@ -43,6 +43,8 @@ import time
 import numpy as np
 from pycocotools import mask as mask_util
 
+from machine import cpu_model  # bench/, on sys.path as this script's folder
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The 80 category ids of COCO 2017 detection (1..90 with gaps).
 CATEGORY_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
@@ -196,17 +198,6 @@ def worker(engine: str, annotations: str, results_path: str) -> dict:
   times['metrics'] = time.perf_counter() - start
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
   return {'engine': engine, 'times': times, 'peak_rss_mib': peak, 'metrics': metrics}
-
-
-def cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
 
 
 def main() -> None:

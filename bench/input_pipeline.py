@@ -13,7 +13,6 @@ Use --num_workers N to measure scaling on N cores; --data_dir to reuse a prepare
 import argparse
 import os
 import pathlib
-import platform
 import tempfile
 import time
 
@@ -21,19 +20,9 @@ from maskrcnn_jax import configs
 from maskrcnn_jax.data import pipeline
 from maskrcnn_jax.data import prepare
 from maskrcnn_jax.train import experiment
+from machine import cpu_model  # bench/, on sys.path as this script's folder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
 
 
 def main() -> None:

@@ -16,7 +16,19 @@ from maskrcnn_jax.settings import (EVAL_ENGINES, LOSS_NORMALIZATIONS, POSITIVE, 
                                    InputSettings, ModelSettings, OptimizerSettings, boolean,
                                    choice, integer, number, read_key, require, sequence, string)
 
-__all__ = ['ConfigError', 'import_config_module', 'load_config', 'validate_config']
+__all__ = ['ConfigError', 'flatten', 'import_config_module', 'load_config', 'validate_config']
+
+
+def flatten(tree, prefix: str = '') -> dict:
+  """{'model.backbone.depth': 50, ...}: the leaves of a nested mapping (a config's ``to_dict()``
+  or a recorded config.json) by dotted key."""
+  flat = {}
+  for key, value in tree.items():
+    if hasattr(value, 'items'):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
 
 
 def load_config(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:

@@ -59,8 +59,8 @@ def recorded_config(workdir: str) -> ml_collections.ConfigDict:
     recorded = json.load(f)
   if DEFAULT_CONFIG.is_file():
     config = config_lib.import_config_module(DEFAULT_CONFIG).get_config()
-    flat = _flatten(recorded)
-    known = set(_flatten(config.to_dict()))
+    flat = config_lib.flatten(recorded)
+    known = set(config_lib.flatten(config.to_dict()))
     added = sorted(known - set(flat))
     dropped = sorted(set(flat) - known)
     if added:
@@ -73,16 +73,6 @@ def recorded_config(workdir: str) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(recorded)
   config_lib.validate_config(config)
   return config
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
 
 
 def _as_config_value(value):

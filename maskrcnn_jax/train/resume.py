@@ -38,15 +38,10 @@ class ResumeConfigError(configs.ConfigError):
   """The command's config changes what the checkpoints of its workdir were made with."""
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  """{'model.backbone.depth': 50, ...} with JSON values (tuples as lists)."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = json.loads(json.dumps(value, default=str))
-  return flat
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """{'model.backbone.depth': 50, ...} with JSON values (tuples as lists), comparable with a
+  recorded config."""
+  return {k: json.loads(json.dumps(v, default=str)) for k, v in configs.flatten(tree).items()}
 
 
 def is_safe(key: str) -> bool:

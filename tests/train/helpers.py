@@ -1,4 +1,10 @@
-"""Shared set-up of the train-step tests: the toy model with the real optimizer and step."""
+"""Shared set-up of the train-step tests: the toy model with the real optimizer and step, and the
+runner of the checks that need several fake devices."""
+
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -72,3 +78,17 @@ def run_steps(state, fn, batches, num_devices=1):
     rep, m = p(rep, step_lib.shard(b, step_lib.TRAIN_KEYS, num_devices))
   return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), rep), jax.tree_util.tree_map(
       lambda x: x[0], m)
+
+
+def run_on_fake_devices(script: str, num_devices: int = 4, timeout: int = 300) -> str:
+  """Runs tests/train/`script` in a subprocess with `num_devices` fake CPU devices (the count must
+  be set before JAX initialises); asserts it printed OK and returns its output."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                      f' --xla_force_host_platform_device_count={num_devices}').strip()
+  here = pathlib.Path(__file__).resolve().parent
+  out = subprocess.run([sys.executable, str(here / script)], env=env, capture_output=True,
+                       text=True, timeout=timeout)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert 'OK' in out.stdout, out.stdout
+  return out.stdout

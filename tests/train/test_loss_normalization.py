@@ -4,13 +4,11 @@ The 1 x 4 versus 4 x 1 comparison of the real model runs in a subprocess (the fa
 must be set before JAX initialises): `loss_normalization_check.py`.
 """
 
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
+import helpers
 from maskrcnn_jax import configs
 from maskrcnn_jax.train import step as step_lib
 
@@ -19,14 +17,7 @@ CONFIG_DIR = HERE.parents[1] / 'configs'
 
 
 def test_global_normalization_gives_the_same_update_on_one_and_four_devices():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4'
-                      ).strip()
-  env['JAX_PLATFORMS'] = 'cpu'
-  out = subprocess.run([sys.executable, str(HERE / 'loss_normalization_check.py')], env=env,
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stdout + out.stderr
-  assert 'OK' in out.stdout, out.stdout
+  helpers.run_on_fake_devices('loss_normalization_check.py', timeout=600)
 
 
 def test_the_key_is_validated_and_defaults_to_the_reference():

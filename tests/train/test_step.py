@@ -1,10 +1,5 @@
 """The train step with the toy model: freezing, loss scaling, accumulation, data parallelism."""
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +9,6 @@ import helpers
 from maskrcnn_jax.train import metrics as metrics_lib
 from maskrcnn_jax.train import precision
 from maskrcnn_jax.train import step as step_lib
-
-HERE = pathlib.Path(__file__).resolve().parent
 
 
 def _leaves(tree):
@@ -129,12 +122,4 @@ def test_gradient_accumulation_equals_the_large_batch_update():
 
 
 def test_same_update_on_one_and_four_devices():
-  """Runs in a subprocess: the fake device count must be set before JAX initialises."""
-  env = dict(os.environ)
-  flags = env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4'
-  env['XLA_FLAGS'] = flags.strip()
-  env['JAX_PLATFORMS'] = 'cpu'
-  out = subprocess.run([sys.executable, str(HERE / 'data_parallel_check.py')], env=env,
-                       capture_output=True, text=True, timeout=240)
-  assert out.returncode == 0, out.stdout + out.stderr
-  assert 'OK' in out.stdout
+  helpers.run_on_fake_devices('data_parallel_check.py', timeout=240)
