@@ -125,7 +125,7 @@ class Process:
                                     daemon=True)
     self._reader.start()
 
-  def wait_for(self, text, timeout=240):
+  def wait_for(self, text, timeout=480):
     deadline = time.time() + timeout
     while time.time() < deadline and self.proc.poll() is None:
       if any(text in line for line in list(self.lines)):
@@ -133,7 +133,7 @@ class Process:
       time.sleep(0.05)
     raise AssertionError(f'no {text!r} in the output:\n' + ''.join(self.lines)[-4000:])
 
-  def finish(self, timeout=240):
+  def finish(self, timeout=480):
     rc = self.proc.wait(timeout)
     self._reader.join(10)
     return rc, ''.join(self.lines)
