@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from maskrcnn_jax import files
 from maskrcnn_jax.evaluation import coco
 from maskrcnn_jax.settings import ConfigError
 
@@ -137,10 +138,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
 def write_metrics(path: str, metrics: dict[str, float]) -> None:
   """``{"bbox/AP": ..., ...}`` as JSON (atomically)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(f'{path}.tmp', 'w') as f:
+  with files.atomic_open(path) as f:
     json.dump(metrics, f, indent=2)
     f.write('\n')
-  os.replace(f'{path}.tmp', path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

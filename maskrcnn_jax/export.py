@@ -33,7 +33,9 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from maskrcnn_jax import files
 from maskrcnn_jax import inference
+from maskrcnn_jax import model_flags
 
 FORMAT = 'maskrcnn_jax.export/1'
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # the platform names jax.export lowers for
@@ -148,9 +150,8 @@ def description_path(path: str) -> str:
 
 
 def _write(path: str, data: bytes) -> None:
-  with open(path + '.tmp', 'wb') as f:
+  with files.atomic_open(path, 'wb') as f:
     f.write(data)
-  os.replace(path + '.tmp', path)
 
 
 def save(predictor: inference.Predictor, path: str, platforms: Sequence[str] = ('cpu',),
@@ -217,13 +218,7 @@ def load(path: str) -> ExportedPredictor:
 def _define_flags():
   """The command's flags, defined only when it runs (importing `load` defines none)."""
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_string('workdir', None, 'A training workdir (its recorded config and checkpoint).')
-  flags.DEFINE_integer('step', None, 'Checkpoint step of --workdir (default: the latest).')
-  flags.DEFINE_string('torchvision', None, 'torchvision Mask R-CNN weights '
-                      '(.pth/.npz/.safetensors), with --config.')
-  config_flags.DEFINE_config_file('config', None, 'Config of --torchvision (configs/*.py).',
-                                  lock_config=True)
+  model_flags.define_flags()
   flags.DEFINE_string('out', None, 'The artifact to write; its description goes to OUT.json.')
   flags.DEFINE_integer('batch_size', 1, 'Images per call of the artifact (a fixed shape).')
   flags.DEFINE_string('platforms', 'cpu', f'Comma-separated, of {",".join(PLATFORMS)}: the '
@@ -237,10 +232,7 @@ def main(argv) -> int:
   from absl import app  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  if bool(FLAGS.workdir) == bool(FLAGS.torchvision):
-    raise app.UsageError('give exactly one of --workdir and --torchvision (with --config)')
-  if FLAGS.torchvision and FLAGS.config is None:
-    raise app.UsageError('--torchvision needs --config (e.g. configs/torchvision_r50.py)')
+  model_flags.check_flags(FLAGS)
   if FLAGS.torchvision and FLAGS.step is not None:
     raise app.UsageError('--step is for --workdir')
   if FLAGS.batch_size < 1:
@@ -254,14 +246,9 @@ def main(argv) -> int:
   from maskrcnn_jax import weights  # pylint: disable=import-outside-toplevel
   from maskrcnn_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
   try:
-    if FLAGS.workdir:
-      predictor = inference.Predictor.from_workdir(FLAGS.workdir, FLAGS.step,
-                                                   batch_size=FLAGS.batch_size)
-      source = {'workdir': os.path.abspath(FLAGS.workdir), 'step': predictor.step}
-    else:
-      predictor = inference.Predictor.from_torchvision(FLAGS.torchvision, FLAGS.config,
-                                                       batch_size=FLAGS.batch_size)
-      source = {'torchvision': os.path.abspath(FLAGS.torchvision)}
+    predictor = model_flags.load_predictor(FLAGS, FLAGS.batch_size)
+    source = ({'workdir': os.path.abspath(FLAGS.workdir), 'step': predictor.step}
+              if FLAGS.workdir else {'torchvision': os.path.abspath(FLAGS.torchvision)})
   except (FileNotFoundError, checkpoint.CorruptCheckpointError, configs.ConfigError,
           weights.WeightImportError) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -26,15 +26,12 @@ import time
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
+
+from maskrcnn_jax import files
+from maskrcnn_jax import model_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'A training workdir (its recorded config and checkpoint).')
-flags.DEFINE_integer('step', None, 'Checkpoint step of --workdir (default: the latest).')
-flags.DEFINE_string('torchvision', None, 'torchvision Mask R-CNN weights (.pth/.npz/.safetensors), '
-                    'with --config.')
-config_flags.DEFINE_config_file('config', None, 'Config of --torchvision (configs/*.py).',
-                                lock_config=True)
+model_flags.define_flags()
 flags.DEFINE_string('images', None, 'A directory of images or a glob pattern.')
 flags.DEFINE_string('out', None, 'Output directory (created).')
 flags.DEFINE_float('score_threshold', 0.5, 'Keep detections scoring at least this.')
@@ -88,22 +85,14 @@ def results_of(record, file_name: str) -> list[dict]:
 
 def main(argv) -> int:
   del argv
-  if bool(FLAGS.workdir) == bool(FLAGS.torchvision):
-    raise app.UsageError('give exactly one of --workdir and --torchvision (with --config)')
-  if FLAGS.torchvision and FLAGS.config is None:
-    raise app.UsageError('--torchvision needs --config (e.g. configs/torchvision_r50.py)')
+  model_flags.check_flags(FLAGS)
   paths = image_paths(FLAGS.images)
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   from maskrcnn_jax import inference  # pylint: disable=import-outside-toplevel  # loads JAX
   from maskrcnn_jax import visualize  # pylint: disable=import-outside-toplevel
 
-  if FLAGS.workdir:
-    predictor = inference.Predictor.from_workdir(FLAGS.workdir, FLAGS.step,
-                                                 batch_size=FLAGS.batch_size)
-  else:
-    predictor = inference.Predictor.from_torchvision(FLAGS.torchvision, FLAGS.config,
-                                                     batch_size=FLAGS.batch_size)
+  predictor = model_flags.load_predictor(FLAGS, FLAGS.batch_size)
   os.makedirs(FLAGS.out, exist_ok=True)
   results, instances = [], 0
   start = time.time()
@@ -125,9 +114,8 @@ def main(argv) -> int:
       bar.update(len(chunk))
   seconds = time.time() - start
   output = os.path.join(FLAGS.out, 'predictions.json')
-  with open(output + '.tmp', 'w') as f:
+  with files.atomic_open(output) as f:
     json.dump(results, f)
-  os.replace(output + '.tmp', output)
   print(f'{len(paths)} images, {instances} instances (score >= {FLAGS.score_threshold}), '
         f'{len(paths) / max(seconds, 1e-9):.2f} img/s (compilation included); pictures and '
         f'{output} in {os.path.abspath(FLAGS.out)}')

@@ -96,6 +96,29 @@ def params(workdir, step):
           for p, v in jax.tree_util.tree_leaves_with_path(tree['params'])}
 
 
+def assert_same_params(workdir, reference, step):
+  """The parameters of the checkpoint `step` of two workdirs are bit for bit the same."""
+  expected, got = params(reference, step), params(workdir, step)
+  assert expected.keys() == got.keys()
+  for name in expected:
+    np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def data_files(workdir, step):
+  """The array data files of checkpoint `step` (Orbax's OCDBT ``d/`` files), smallest first."""
+  root = pathlib.Path(workdir) / 'checkpoints' / str(step) / 'default'
+  return sorted((p for p in root.rglob('*') if p.is_file() and p.parent.name == 'd'),
+                key=lambda p: p.stat().st_size)
+
+
+def flip_bytes(path):
+  """Inverts four bytes in the middle of a file (a corruption that can restore silently)."""
+  data = bytearray(path.read_bytes())
+  i = len(data) // 2
+  data[i:i + 4] = bytes(b ^ 0xFF for b in data[i:i + 4])
+  path.write_bytes(bytes(data))
+
+
 def steps(workdir):
   d = pathlib.Path(workdir) / 'checkpoints'
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []

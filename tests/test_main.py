@@ -20,9 +20,8 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 
-from cli_runs import REPO, TOTAL_STEPS, command, params, run_cli, steps
+from cli_runs import REPO, TOTAL_STEPS, assert_same_params, command, run_cli, steps
 
 
 def test_train_and_eval_writes_checkpoints_results_and_metrics(reference_run):
@@ -62,11 +61,7 @@ def test_killed_run_resumes_and_matches_the_uninterrupted_run(reference_run, tmp
   assert rc == 0, log[-5000:]
   assert f'resuming from {workdir / "checkpoints"} step {killed_at[-1]}' in log
   assert steps(workdir)[-1] == TOTAL_STEPS
-  expected = params(reference_run[0], TOTAL_STEPS)
-  got = params(workdir, TOTAL_STEPS)
-  assert expected.keys() == got.keys()
-  for name in expected:
-    np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+  assert_same_params(workdir, reference_run[0], TOTAL_STEPS)
 
 
 def test_eval_of_a_chosen_checkpoint(reference_run, tmp_path, env, data_dir):

@@ -19,7 +19,7 @@ import signal
 import numpy as np
 import pytest
 
-from cli_runs import Process, command, params, steps, two_processes
+from cli_runs import Process, assert_same_params, command, params, steps, two_processes
 
 STEPS = 6
 OVERRIDES = ('--config.train.per_device_batch_size=1', '--config.eval.per_device_batch_size=1',
@@ -82,6 +82,4 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(two_process_run,
   assert len(stopped) == 1, logs
   assert steps(workdir)[-1] == stopped.pop() < STEPS
   _finish_all(two_processes(cmd, env))
-  expected, got = params(two_process_run[0], STEPS), params(workdir, STEPS)
-  for name in expected:
-    np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+  assert_same_params(workdir, two_process_run[0], STEPS)

@@ -17,17 +17,10 @@ import shutil
 import signal
 import subprocess
 
-import numpy as np
 import pytest
 
-from cli_runs import TOTAL_STEPS, Process, command, params, run_cli, steps
-
-
-def _assert_same_params(workdir, reference, step=TOTAL_STEPS):
-  expected, got = params(reference, step), params(workdir, step)
-  assert expected.keys() == got.keys()
-  for name in expected:
-    np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+from cli_runs import (TOTAL_STEPS, Process, assert_same_params, command, data_files, flip_bytes,
+                      params, run_cli, steps)
 
 
 def _stopped_at(log):
@@ -52,7 +45,7 @@ def test_sigterm_saves_the_step_reached_and_the_rerun_matches(reference_run, tmp
   rc, log = run_cli(cmd, env)
   assert rc == 0, log[-4000:]
   assert f'resuming from {workdir / "checkpoints"} step {stopped}' in log
-  _assert_same_params(workdir, reference_run[0])
+  assert_same_params(workdir, reference_run[0], TOTAL_STEPS)
 
 
 def test_a_second_signal_aborts_at_once(tmp_path, env, data_dir):
@@ -68,19 +61,6 @@ def test_a_second_signal_aborts_at_once(tmp_path, env, data_dir):
   assert 'Traceback' not in log
 
 
-def _flip_bytes(path):
-  data = bytearray(path.read_bytes())
-  i = len(data) // 2
-  data[i:i + 4] = bytes(b ^ 0xFF for b in data[i:i + 4])
-  path.write_bytes(bytes(data))
-
-
-def _data_files(workdir, step):
-  root = workdir / 'checkpoints' / str(step) / 'default'
-  return sorted((p for p in root.rglob('*') if p.is_file() and p.parent.name == 'd'),
-                key=lambda p: p.stat().st_size)
-
-
 def _copy_reference(reference, workdir):
   shutil.copytree(reference / 'checkpoints', workdir / 'checkpoints')
   shutil.copy(reference / 'config.json', workdir / 'config.json')
@@ -90,8 +70,8 @@ def test_unusable_checkpoints_fall_back_and_the_run_matches(reference_run, tmp_p
                                                            data_dir):
   workdir = tmp_path / 'corrupt'
   _copy_reference(reference_run[0], workdir)
-  _flip_bytes(_data_files(workdir, 12)[-1])  # flipped bytes (restore silently, other values)
-  largest = _data_files(workdir, 9)[-1]
+  flip_bytes(data_files(workdir, 12)[-1])  # flipped bytes (restore silently, other values)
+  largest = data_files(workdir, 9)[-1]
   largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])  # truncated
   os.remove(workdir / 'checkpoints' / '6' / 'default' / '_METADATA')
   rc, log = run_cli(command(workdir, data_dir, '--config.mode=train'), env)
@@ -102,15 +82,15 @@ def test_unusable_checkpoints_fall_back_and_the_run_matches(reference_run, tmp_p
   assert f'resuming from {workdir / "checkpoints"} step 3' in log
   assert sorted(os.listdir(workdir / 'checkpoints_unusable')) == ['12', '6', '9']
   assert 'Traceback' not in log
-  _assert_same_params(workdir, reference_run[0])
+  assert_same_params(workdir, reference_run[0], TOTAL_STEPS)
 
 
 def test_eval_of_an_unusable_checkpoint_is_a_one_line_error(reference_run, tmp_path, env,
                                                             data_dir):
   workdir = tmp_path / 'corrupt_eval'
   _copy_reference(reference_run[0], workdir)
-  for path in _data_files(workdir, 12):
-    _flip_bytes(path)
+  for path in data_files(workdir, 12):
+    flip_bytes(path)
   rc, log = run_cli(command(workdir, data_dir, '--config.mode=eval',
                             '--config.eval.checkpoint_step=12'), env)
   assert rc == 1, log[-4000:]

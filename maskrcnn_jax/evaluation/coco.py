@@ -50,6 +50,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maskrcnn_jax import files
 from maskrcnn_jax import settings
 from maskrcnn_jax.settings import ConfigError
 
@@ -487,10 +488,8 @@ def coco_metrics(ground_truth: Mapping[str, Any] | GroundTruth,
 def write_results(path: str, results: Sequence[Mapping[str, Any]]) -> None:
   """Writes the COCO results JSON (atomically: a reader never sees a partial file)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
+  with files.atomic_open(path) as f:
     json.dump(list(results), f)
-  os.replace(tmp, path)
 
 
 def append_metrics_line(path: str, step: int, metrics: Mapping[str, float]) -> dict[str, Any]:

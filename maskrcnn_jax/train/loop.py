@@ -60,9 +60,9 @@ class TrainResult(NamedTuple):
 class Run:
   """An `Experiment` with its workdir: the checkpoint manager, state, saving and evaluation."""
 
-  def __init__(self, config, workdir: str, exp: experiment.Experiment | None = None):
+  def __init__(self, config, workdir: str):
     self.config, self.workdir = config, workdir
-    self.exp = exp or experiment.build_experiment(config)
+    self.exp = experiment.build_experiment(config)
     self.manager = ckpt.create_manager(workdir, int(config.train.max_checkpoints_to_keep))
     self.ground_truth = None  # the eval split's, indexed once per run (process 0)
 
@@ -118,7 +118,7 @@ def _to_host(collection):
   on the devices, unlike indexing the pmapped arrays); None stays None."""
   if collection is None:
     return None
-  return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x))[0], collection)
+  return jax.tree_util.tree_map(lambda x: np.asarray(x)[0], jax.device_get(collection))
 
 
 def _check_finite(collection, precision_name: str, manager) -> None:

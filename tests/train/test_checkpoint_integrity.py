@@ -2,7 +2,6 @@
 state with the real Orbax manager (`maskrcnn_jax.train.checkpoint`)."""
 
 import os
-import pathlib
 import shutil
 
 import jax
@@ -10,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from cli_runs import data_files, flip_bytes
 from maskrcnn_jax.train import checkpoint as ckpt
 from maskrcnn_jax.train import state as state_lib
 
@@ -36,19 +36,6 @@ def _save_steps(workdir, steps):
   manager.close()
 
 
-def _data_files(workdir, step):
-  root = pathlib.Path(workdir) / 'checkpoints' / str(step) / 'default'
-  return sorted((p for p in root.rglob('*') if p.is_file() and p.parent.name == 'd'),
-                key=lambda p: p.stat().st_size)
-
-
-def _flip_bytes(path):
-  data = bytearray(path.read_bytes())
-  i = len(data) // 2
-  data[i:i + 4] = bytes(b ^ 0xFF for b in data[i:i + 4])
-  path.write_bytes(bytes(data))
-
-
 def test_fingerprint_names_paths_alike_and_sees_one_bit():
   state = _state()
   digests = ckpt.fingerprint(state)
@@ -70,7 +57,7 @@ def test_fingerprint_names_paths_alike_and_sees_one_bit():
 
 def test_restore_latest_verifies_and_falls_back_past_unusable_checkpoints(tmp_path, caplog):
   _save_steps(tmp_path, (1, 2, 3, 4))
-  _flip_bytes(_data_files(tmp_path, 4)[-1])                  # restores silently, wrong bytes
+  flip_bytes(data_files(tmp_path, 4)[-1])                  # restores silently, wrong bytes
   os.remove(tmp_path / 'checkpoints' / '3' / 'default' / '_METADATA')
   shutil.rmtree(tmp_path / 'checkpoints' / '2')
   os.makedirs(tmp_path / 'checkpoints' / '2')                # an empty step directory
@@ -93,7 +80,7 @@ def test_restore_latest_verifies_and_falls_back_past_unusable_checkpoints(tmp_pa
 
 def test_no_usable_checkpoint_is_an_error_that_moves_nothing(tmp_path):
   _save_steps(tmp_path, (5,))
-  for path in _data_files(tmp_path, 5):
+  for path in data_files(tmp_path, 5):
     path.write_bytes(path.read_bytes()[:8])  # truncated
   manager = ckpt.create_manager(str(tmp_path))
   with pytest.raises(ckpt.CorruptCheckpointError, match=r'no checkpoint in .* restores: step 5: '):
@@ -107,8 +94,8 @@ def test_no_usable_checkpoint_is_an_error_that_moves_nothing(tmp_path):
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_restore_variables_of_a_corrupt_step_names_it(tmp_path):
   _save_steps(tmp_path, (1, 2))
-  for path in _data_files(tmp_path, 2):
-    _flip_bytes(path)
+  for path in data_files(tmp_path, 2):
+    flip_bytes(path)
   abstract = _abstract({'params': _state()['params'], 'batch_stats': _state()['batch_stats']})
   with pytest.raises(ckpt.CorruptCheckpointError,
                      match=r'checkpoint step 2 in .* is unusable: .*\(other steps: \[1\]\)'):
