@@ -7,11 +7,14 @@ One vocabulary, the config's: ``--config=configs/coco_r50.py`` and any override 
 ``--config.benchmark.num_steps=200 --config.benchmark.warmup_steps=100``,
 ``--config.benchmark.num_devices=8``, ``--config.benchmark.data=real``,
 ``--config.benchmark.peak_tflops=989``. The flags below are what only these tools do: torchvision
-side by side, stage breakdowns, profiles, fake CPU devices, the output file.
+side by side, maskrcnn_jax with other config values side by side (``--baseline``), stage
+breakdowns, profiles, fake CPU devices, the output file.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib.util
 import os
 import pathlib
@@ -22,7 +25,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from maskrcnn_jax import configs
-from maskrcnn_jax.train import benchmark
+from maskrcnn_jax.train import benchmark, experiment
 
 import profiles  # bench/, on sys.path as the running script's folder
 
@@ -41,8 +44,12 @@ def define_flags(kind: str, flag_values: flags.FlagValues = flags.FLAGS,
                     'same batch, in alternating windows (needs torch and torchvision).', **fv)
   flags.DEFINE_integer('threads', None, 'torch threads (default: all cores, as XLA uses on the '
                        'CPU).', **fv)
-  flags.DEFINE_integer('rounds', 1, 'Timed windows per framework, alternated (--torchvision).',
-                       **fv)
+  flags.DEFINE_multi_string(
+      'baseline', [], 'KEY=VALUE[,KEY=VALUE...]: also time maskrcnn_jax with these config '
+      'overrides, in alternating windows on the same batches, e.g. '
+      '--baseline=model.conv_kernel_grad=xla (repeatable: one baseline each).', **fv)
+  flags.DEFINE_integer('rounds', 1, 'Timed windows per framework, alternated (--torchvision, '
+                       '--baseline).', **fv)
   flags.DEFINE_bool('stages', False, 'Also time each stage of the model on its own '
                     '(profiles.stage_breakdown).', **fv)
   flags.DEFINE_integer('stage_repeats', 3, 'Runs per stage (--stages); the median is kept.',
@@ -77,6 +84,8 @@ def run(kind: str, fv: flags.FlagValues = flags.FLAGS) -> dict:
     threads = fv.threads or os.cpu_count()
     extra.append(lambda ours: torchvision_runner.TorchvisionRunner(
         config, ours.first_host_batch, train, threads))
+  for spec in fv.baseline:
+    extra.append(functools.partial(_config_baseline, override_config(config, spec), spec, train))
   profile = ((lambda ours, start: profiles.trace(ours, fv.profile_dir, fv.profile_steps, start))
              if fv.profile_dir else None)
   settings = dict(benchmark.config_settings(config), extra_runners=extra, rounds=fv.rounds,
@@ -95,6 +104,38 @@ def run(kind: str, fv: flags.FlagValues = flags.FLAGS) -> dict:
     benchmark.write_json(result, fv.output)
     print(f'wrote {fv.output}')
   return result
+
+
+def override_config(config, spec: str):
+  """A copy of ``config`` with the ``KEY=VALUE[,KEY=VALUE...]`` of ``spec`` set (values read as
+  Python literals, else strings); `ConfigError` names a key that does not exist."""
+  config = config.copy_and_resolve_references()
+  for item in spec.split(','):
+    key, sep, text = item.partition('=')
+    if not sep:
+      raise configs.ConfigError(f'--baseline {spec!r}: {item!r} is not KEY=VALUE')
+    *parents, leaf = key.strip().split('.')
+    section = config
+    for name in parents:
+      section = section.get(name) if hasattr(section, 'get') else None
+    if section is None or leaf not in section:
+      raise configs.ConfigError(f'--baseline {spec!r}: config key {key.strip()!r} does not exist')
+    try:
+      value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      value = text.strip()
+    section[leaf] = value
+  configs.validate_config(config)
+  return config
+
+
+def _config_baseline(config, spec: str, train: bool, ours) -> benchmark.Runner:
+  """maskrcnn_jax built from ``config`` (ours with ``spec`` applied) on our devices."""
+  exp = experiment.build_experiment(config, ours.devices)
+  data = benchmark.config_settings(config)['data']
+  runner = (benchmark.TrainRunner if train else benchmark.InferenceRunner)(exp, data)
+  runner.name = f'maskrcnn_jax[{spec}]'
+  return runner
 
 
 def main(kind: str, argv) -> int:

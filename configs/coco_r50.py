@@ -49,6 +49,9 @@ def get_config(arg=None):
   model.num_classes = 91                # COCO category ids as class indices, 0 = background
   # float32, bfloat16 or float16: the compute dtype; parameters stay float32.
   model.precision = 'float32'
+  # Kernel gradients of the convolutions (maskrcnn_jax.ops.conv): 'xla', 'matmul' (as matrix
+  # products, much faster on the CPU) or 'auto' ('matmul' on the CPU backend, else 'xla').
+  model.conv_kernel_grad = 'auto'
 
   backbone = model.backbone = ml_collections.ConfigDict()
   backbone.depth = 50                   # 18, 34, 50 or 101

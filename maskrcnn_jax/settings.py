@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import ml_collections
 
 PRECISIONS = ('float32', 'bfloat16', 'float16')
+KERNEL_GRADS = ('xla', 'matmul')  # maskrcnn_jax.ops.conv
 RESNET_DEPTHS = (18, 34, 50, 101)
 ANCHOR_CONVENTIONS = ('reference', 'torchvision')
 RPN_BOX_NORMALIZERS = ('positives_per_level', 'sampled')
@@ -280,6 +281,9 @@ class ModelSettings:
   """``config.model``: its scalars and one settings object per section (`SECTIONS`)."""
   num_classes: int = setting(integer(2))
   precision: str = setting(choice(*PRECISIONS))
+  # The convolutions' kernel-gradient algorithm (maskrcnn_jax.ops.conv): 'auto' = 'matmul' on
+  # the CPU backend, 'xla' elsewhere.
+  conv_kernel_grad: str = setting(choice('auto', *KERNEL_GRADS))
   min_level: int = setting(integer(2, 5))
   max_level: int = setting(integer(5, 7))
   fpn_channels: int = setting(integer(1))

@@ -18,6 +18,7 @@ import sys
 import pytest
 from absl import flags
 
+from maskrcnn_jax import configs
 from maskrcnn_jax.train import benchmark
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def test_training_json(setup):
          '--config.benchmark.num_steps=2', '--config.benchmark.warmup_steps=1',
          '--config.train.per_device_batch_size=1', '--config.benchmark.num_devices=2',
          '--cpu_devices=2', f'--profile_dir={root / "trace"}', '--profile_steps=1',
-         f'--output={output}']
+         '--baseline=model.conv_kernel_grad=xla', f'--output={output}']
   out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout + out.stderr
   result = json.loads(output.read_text())
@@ -54,7 +55,11 @@ def test_training_json(setup):
   assert result['images_per_sec'] > 0 and result['compile_s'] > 0
   assert result['flops_per_image'] > 0 and result['final_loss'] > 0
   assert result['memory'] is None or 'bytes_in_use' in result['memory']
-  assert result['baselines'] == {}
+  # The same experiment with XLA's kernel gradients, timed beside ours on the same devices.
+  baseline = result['baselines']['maskrcnn_jax[model.conv_kernel_grad=xla]']
+  assert baseline['images_per_sec'] > 0
+  assert baseline['ratio_ours_over_baseline'] == pytest.approx(
+      result['images_per_sec'] / baseline['images_per_sec'])
   # The profile maps the ops to the model's stages by the MaskRCNN method names.
   stages = result['profile']['stage_ms']
   assert {'backbone', 'proposals_nms', 'roi_align_targets_losses (bwd)'} <= set(stages)
@@ -83,6 +88,14 @@ def test_flags(monkeypatch):
   settings = benchmark.config_settings(c)
   assert settings == dict(num_steps=8, warmup_steps=100, data='synthetic', num_devices=2,
                           peak_tflops=None)
+  other = cli.override_config(c, "model.conv_kernel_grad=xla,train.learning_rate=0.5")
+  assert (other.model.conv_kernel_grad, other.train.learning_rate) == ('xla', 0.5)
+  assert c.model.conv_kernel_grad == 'auto'  # the original is left as it was
+  for spec, message in (('model.nope=1', "'model.nope' does not exist"),
+                        ('model.conv_kernel_grad', 'is not KEY=VALUE'),
+                        ('model.conv_kernel_grad=im2col', 'conv_kernel_grad')):
+    with pytest.raises(configs.ConfigError, match=message):
+      cli.override_config(c, spec)
   training = flags.FlagValues()
   cli.define_flags('training', training)
   assert 'latency_steps' not in training

@@ -6,6 +6,7 @@ Public API:
   normalize_images(images_uint8, image_sizes, mean, std) -> normalised float images
   frozen_param_mask(params, freeze_at)    (optimizer mask of the frozen backbone stages)
   DTYPES                                  (config.model.precision -> compute dtype)
+  resolve_kernel_grad(choice)             (config.model.conv_kernel_grad -> 'xla' | 'matmul')
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 
 from maskrcnn_jax.settings import ModelSettings
@@ -23,7 +25,8 @@ from maskrcnn_jax.modeling.resnet import ResNet, frozen_param_mask
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 __all__ = ['COUNTER_KEYS', 'DTYPES', 'LOSS_KEYS', 'MaskRCNN', 'ResNet', 'anchor_shapes',
-           'build_model', 'frozen_param_mask', 'init_variables', 'normalize_images']
+           'build_model', 'frozen_param_mask', 'init_variables', 'normalize_images',
+           'resolve_kernel_grad']
 
 
 def build_model(model_config) -> MaskRCNN:
@@ -35,4 +38,13 @@ def build_model(model_config) -> MaskRCNN:
       backbone_cls=functools.partial(ResNet, **dataclasses.asdict(s.backbone)),
       min_level=s.min_level, max_level=s.max_level, fpn_channels=s.fpn_channels,
       anchors=s.anchors, rpn=s.rpn, roi=s.roi, mask=s.mask, test=s.test,
-      dtype=DTYPES[s.precision])
+      dtype=DTYPES[s.precision], conv_kernel_grad=resolve_kernel_grad(s.conv_kernel_grad))
+
+
+def resolve_kernel_grad(choice: str) -> str:
+  """``config.model.conv_kernel_grad``: 'auto' is 'matmul' on the CPU backend (XLA:CPU's own
+  kernel gradients are 4-9x slower than its forward convolutions, docs/performance.md) and
+  'xla' on GPUs and TPUs (cuDNN's backward-filter kernels)."""
+  if choice == 'auto':
+    return 'matmul' if jax.default_backend() == 'cpu' else 'xla'
+  return choice

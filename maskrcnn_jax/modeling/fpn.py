@@ -28,12 +28,14 @@ class FPN(nn.Module):
     max_level: coarsest output level (6 = P6, stride 64).
     channels: output channels of every level (256).
     dtype: compute dtype; parameters are float32.
+    conv_kernel_grad: 'xla' or 'matmul' (:mod:`maskrcnn_jax.ops.conv`).
   """
   min_level: int = 2
   max_level: int = 6
   channels: int = 256
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_kernel_grad: str = 'xla'
 
   @nn.compact
   def __call__(self, features: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
@@ -46,6 +48,7 @@ class FPN(nn.Module):
     previous = None
     for level in range(top, self.min_level - 1, -1):
       lateral = conv(self.channels, 1, use_bias=True, dtype=self.dtype, kernel_init=init,
+                     kernel_grad=self.conv_kernel_grad,
                      name=f'lateral_p{level}')(features[f'c{level}'])
       if previous is not None:
         lateral = lateral + upsample_nearest(previous, lateral.shape[1:3])
@@ -53,7 +56,8 @@ class FPN(nn.Module):
     outputs = {}
     for level in range(self.min_level, top + 1):
       outputs[f'p{level}'] = conv(self.channels, 3, use_bias=True, dtype=self.dtype,
-                                  kernel_init=init, name=f'output_p{level}')(merged[level])
+                                  kernel_init=init, kernel_grad=self.conv_kernel_grad,
+                                  name=f'output_p{level}')(merged[level])
     for level in range(top + 1, self.max_level + 1):
       outputs[f'p{level}'] = outputs[f'p{level - 1}'][:, ::2, ::2]
     return outputs

@@ -7,6 +7,7 @@ returned in float32 whatever the compute dtype.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -25,11 +26,13 @@ class RPNHead(nn.Module):
     num_anchors: A, anchor shapes per location.
     channels: channels of the shared conv (= the FPN's).
     dtype: compute dtype; parameters are float32.
+    conv_kernel_grad: 'xla' or 'matmul' (:mod:`maskrcnn_jax.ops.conv`).
   """
   num_anchors: int
   channels: int = 256
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_kernel_grad: str = 'xla'
 
   @nn.compact
   def __call__(self, features: Mapping[str, jnp.ndarray]):
@@ -41,12 +44,11 @@ class RPNHead(nn.Module):
       deltas: level -> (B, Hl * Wl * A, 4) float32 (dx, dy, dw, dh), same order.
     """
     init = nn.initializers.normal(0.01)  # torchvision and the reference
-    shared = conv(self.channels, 3, use_bias=True, dtype=self.dtype, kernel_init=init,
-                  name='conv')
-    objectness = conv(self.num_anchors, 1, use_bias=True, dtype=self.dtype, kernel_init=init,
-                      name='objectness')
-    box_deltas = conv(4 * self.num_anchors, 1, use_bias=True, dtype=self.dtype,
-                      kernel_init=init, name='deltas')
+    layer = functools.partial(conv, use_bias=True, dtype=self.dtype, kernel_init=init,
+                              kernel_grad=self.conv_kernel_grad)
+    shared = layer(self.channels, 3, name='conv')
+    objectness = layer(self.num_anchors, 1, name='objectness')
+    box_deltas = layer(4 * self.num_anchors, 1, name='deltas')
     scores, deltas = {}, {}
     for level in sorted(features):
       x = nn.relu(shared(features[level]))
@@ -114,6 +116,7 @@ class MaskHead(nn.Module):
   predictor_init_std: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_kernel_grad: str = 'xla'
 
   @nn.compact
   def __call__(self, roi_features):
@@ -122,10 +125,11 @@ class MaskHead(nn.Module):
     x = roi_features.reshape((b * r,) + roi_features.shape[2:]).astype(self.dtype)
     for i in range(self.num_convs):
       x = nn.relu(conv(self.conv_dim, 3, use_bias=True, dtype=self.dtype,
+                       kernel_grad=self.conv_kernel_grad,
                        name=f'mask_fcn{i + 1}')(x))
     x = nn.relu(Deconv2x2(self.conv_dim, dtype=self.dtype, name='deconv')(x))
     init = (nn.initializers.normal(self.predictor_init_std) if self.predictor_init_std > 0
             else MSRA_FILL)
     x = conv(self.num_classes, 1, use_bias=True, dtype=self.dtype, kernel_init=init,
-             name='mask_logits')(x)
+             kernel_grad=self.conv_kernel_grad, name='mask_logits')(x)
     return x.astype(jnp.float32).reshape(b, r, 2 * s, 2 * s, self.num_classes)

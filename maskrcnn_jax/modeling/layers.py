@@ -20,6 +20,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from maskrcnn_jax.ops.conv import conv2d
+
 Dtype = Any
 
 
@@ -72,18 +74,55 @@ def batch_norm(name: str, frozen: bool, train: bool, epsilon: float, dtype: Dtyp
 MSRA_FILL = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
+class Conv(nn.Module):
+  """A 2-D convolution with explicit padding, the parameters of ``flax.linen.Conv`` (``kernel``
+  (kh, kw, C_in, features), then ``bias`` (features,), in that order of creation) and a choice of
+  kernel-gradient algorithm (:func:`maskrcnn_jax.ops.conv.conv2d`).
+
+  Attributes:
+    features: output channels.
+    kernel_size: (kh, kw).
+    strides: the same stride along H and W.
+    padding: ((top, bottom), (left, right)).
+    use_bias: add a bias (zero init).
+    dtype: compute dtype; inputs and parameters are cast to it.
+    kernel_grad: 'xla' or 'matmul' (see :mod:`maskrcnn_jax.ops.conv`).
+  """
+  features: int
+  kernel_size: tuple[int, int]
+  strides: int = 1
+  padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Any = MSRA_FILL
+  kernel_grad: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x):
+    """x: (B, H, W, C_in) -> (B, Ho, Wo, features) in ``dtype``."""
+    kernel = self.param('kernel', self.kernel_init,
+                        tuple(self.kernel_size) + (x.shape[-1], self.features), self.param_dtype)
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding,
+               self.kernel_grad)
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def conv(features: int, kernel: int, stride: int = 1, use_bias: bool = False,
          dtype: Dtype = jnp.float32, name: str | None = None,
-         kernel_init=MSRA_FILL) -> nn.Conv:
+         kernel_init=MSRA_FILL, kernel_grad: str = 'xla') -> Conv:
   """A k x k convolution with torchvision's symmetric padding ``k // 2`` on every side.
 
   Kernel (k, k, C_in, features) float32; default init He-normal (fan-out), as torchvision's
-  ResNet.
+  ResNet; ``kernel_grad`` the kernel-gradient algorithm (:mod:`maskrcnn_jax.ops.conv`).
   """
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=use_bias, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=kernel_init, name=name)
+  return Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+              use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
+              kernel_grad=kernel_grad, name=name)
 
 
 class Deconv2x2(nn.Module):

@@ -117,6 +117,8 @@ class MaskRCNN(nn.Module):
     fpn_channels: FPN width.
     anchors, rpn, roi, mask, test: the settings of the config.model sections.
     dtype: compute dtype; parameters float32; box arithmetic and losses float32.
+    conv_kernel_grad: the convolutions' kernel-gradient algorithm, 'xla' or 'matmul'
+      (:mod:`maskrcnn_jax.ops.conv`; ``build_model`` resolves the config's 'auto').
   """
   num_classes: int
   backbone_cls: Callable[..., nn.Module]
@@ -130,20 +132,23 @@ class MaskRCNN(nn.Module):
   test: TestSettings
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_kernel_grad: str = 'xla'
 
   def setup(self):
-    self.backbone = self.backbone_cls(dtype=self.dtype)
+    grad = self.conv_kernel_grad
+    self.backbone = self.backbone_cls(dtype=self.dtype, conv_kernel_grad=grad)
     self.fpn = FPN(min_level=self.min_level, max_level=self.max_level,
-                   channels=self.fpn_channels, dtype=self.dtype)
+                   channels=self.fpn_channels, dtype=self.dtype, conv_kernel_grad=grad)
     num_anchors = anchor_ops.num_anchors_per_location(
         anchor_shapes(self.anchors, self.min_level, self.max_level))
     self.rpn_head = RPNHead(num_anchors=num_anchors, channels=self.fpn_channels,
-                            dtype=self.dtype)
+                            dtype=self.dtype, conv_kernel_grad=grad)
     self.box_head = BoxHead(num_classes=self.num_classes, mlp_dim=self.roi.mlp_head_dim,
                             dtype=self.dtype)
     self.mask_head = MaskHead(num_classes=self.num_classes, num_convs=self.mask.num_convs,
                               conv_dim=self.mask.conv_dim,
-                              predictor_init_std=self.mask.predictor_init_std, dtype=self.dtype)
+                              predictor_init_std=self.mask.predictor_init_std, dtype=self.dtype,
+                              conv_kernel_grad=grad)
 
   # ------------------------------------------------------------------ pieces
   def features(self, images, train: bool = False) -> dict[str, jnp.ndarray]:

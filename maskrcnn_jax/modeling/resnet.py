@@ -91,18 +91,22 @@ class BasicBlock(nn.Module):
   bn_momentum: float = 0.997
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_kernel_grad: str = 'xla'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     bn = lambda name: batch_norm(name, self.frozen_bn, train, self.bn_epsilon, self.dtype,
                                  self.bn_momentum)
-    y = conv(self.width, 3, self.stride, dtype=self.dtype, name='conv1')(x)
+    y = conv(self.width, 3, self.stride, dtype=self.dtype, kernel_grad=self.conv_kernel_grad,
+             name='conv1')(x)
     y = nn.relu(bn('bn1')(y))
-    y = conv(self.width, 3, 1, dtype=self.dtype, name='conv2')(y)
+    y = conv(self.width, 3, 1, dtype=self.dtype, kernel_grad=self.conv_kernel_grad,
+             name='conv2')(y)
     y = bn('bn2')(y)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.width:
-      shortcut = conv(self.width, 1, self.stride, dtype=self.dtype, name='downsample_conv')(x)
+      shortcut = conv(self.width, 1, self.stride, dtype=self.dtype,
+                      kernel_grad=self.conv_kernel_grad, name='downsample_conv')(x)
       shortcut = bn('downsample_bn')(shortcut)
     return nn.relu(y + shortcut)
 
@@ -121,21 +125,26 @@ class Bottleneck(nn.Module):
   bn_momentum: float = 0.997
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_kernel_grad: str = 'xla'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     bn = lambda name: batch_norm(name, self.frozen_bn, train, self.bn_epsilon, self.dtype,
                                  self.bn_momentum)
     out = 4 * self.width
-    y = conv(self.width, 1, dtype=self.dtype, name='conv1')(x)
+    y = conv(self.width, 1, dtype=self.dtype, kernel_grad=self.conv_kernel_grad,
+             name='conv1')(x)
     y = nn.relu(bn('bn1')(y))
-    y = conv(self.width, 3, self.stride, dtype=self.dtype, name='conv2')(y)
+    y = conv(self.width, 3, self.stride, dtype=self.dtype, kernel_grad=self.conv_kernel_grad,
+             name='conv2')(y)
     y = nn.relu(bn('bn2')(y))
-    y = conv(out, 1, dtype=self.dtype, name='conv3')(y)
+    y = conv(out, 1, dtype=self.dtype, kernel_grad=self.conv_kernel_grad,
+             name='conv3')(y)
     y = bn('bn3')(y)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != out:
-      shortcut = conv(out, 1, self.stride, dtype=self.dtype, name='downsample_conv')(x)
+      shortcut = conv(out, 1, self.stride, dtype=self.dtype,
+                      kernel_grad=self.conv_kernel_grad, name='downsample_conv')(x)
       shortcut = bn('downsample_bn')(shortcut)
     return nn.relu(y + shortcut)
 
@@ -158,6 +167,7 @@ class ResNetStage(nn.Module):
   bn_momentum: float = 0.997
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_kernel_grad: str = 'xla'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -166,7 +176,7 @@ class ResNetStage(nn.Module):
       x = self.block_cls(width=self.width, stride=self.stride if j == 0 else 1,
                          frozen_bn=self.frozen_bn, bn_epsilon=self.bn_epsilon,
                          bn_momentum=self.bn_momentum, dtype=self.dtype,
-                         name=f'block{j}')(x, train)
+                         conv_kernel_grad=self.conv_kernel_grad, name=f'block{j}')(x, train)
     return x
 
 
@@ -187,6 +197,8 @@ class ResNet(nn.Module):
     stop_frozen_gradients: also stop the gradient after stage ``freeze_at`` (see the module
       docstring: a speed measure that changes no trainable gradient).
     dtype: compute dtype; parameters are float32.
+    conv_kernel_grad: the convolutions' kernel-gradient algorithm ('xla' or 'matmul',
+      :mod:`maskrcnn_jax.ops.conv`).
   """
   depth: int = 50
   freeze_at: int = 0
@@ -196,6 +208,7 @@ class ResNet(nn.Module):
   stop_frozen_gradients: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_kernel_grad: str = 'xla'
 
   @nn.compact
   def __call__(self, x, train: bool = False) -> dict[str, jnp.ndarray]:
@@ -207,7 +220,8 @@ class ResNet(nn.Module):
     kind, blocks = RESNET_SPECS[self.depth]
     block_cls = Bottleneck if kind == 'bottleneck' else BasicBlock
     x = x.astype(self.dtype)
-    x = conv(64, 7, 2, dtype=self.dtype, name='conv1')(x)
+    x = conv(64, 7, 2, dtype=self.dtype, kernel_grad=self.conv_kernel_grad,
+             name='conv1')(x)
     frozen_bn = not self.finetune_bn
     stop_at = self.freeze_at if self.stop_frozen_gradients else 0
     x = batch_norm('bn1', frozen_bn, train and self.freeze_at < 1, self.bn_epsilon,
@@ -222,7 +236,8 @@ class ResNet(nn.Module):
       x = ResNetStage(block_cls=block_cls, num_blocks=num_blocks, width=width,
                       stride=2 if i > 0 else 1, frozen_bn=frozen_bn,
                       bn_epsilon=self.bn_epsilon, bn_momentum=self.bn_momentum,
-                      dtype=self.dtype, name=f'layer{i + 1}')(x, train and self.freeze_at < i + 2)
+                      dtype=self.dtype, conv_kernel_grad=self.conv_kernel_grad,
+                      name=f'layer{i + 1}')(x, train and self.freeze_at < i + 2)
       if stop_at == i + 2:
         x = jax.lax.stop_gradient(x)
       outputs[f'c{i + 2}'] = x

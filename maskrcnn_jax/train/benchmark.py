@@ -108,6 +108,7 @@ class _ExperimentRunner(Runner):
   def __init__(self, exp: experiment.Experiment, data: str = 'synthetic', seed: int = 0,
                ring: int = 2):
     cfg, train = exp.config, self.train
+    self.devices = exp.devices
     self.per_device_batch_size = int((cfg.train if train else cfg.eval).per_device_batch_size)
     self.images_per_step = self.per_device_batch_size * exp.num_devices
     t0 = time.perf_counter()

@@ -1,0 +1,130 @@
+"""The matmul kernel gradient of maskrcnn_jax.ops.conv against XLA's and a NumPy loop."""
+
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maskrcnn_jax.configs import load_config
+from maskrcnn_jax.modeling import build_model, init_variables, layers, resolve_kernel_grad
+from maskrcnn_jax.ops import conv as conv_ops
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _numpy_kernel_gradient(x, g, k, stride, padding):
+  """dW[i, j, c, o] = sum over n, h, w of xpad[n, s*h + i, s*w + j, c] * g[n, h, w, o]."""
+  (top, bottom), (left, right) = padding
+  xp = np.pad(x.astype(np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+  _, ho, wo, _ = g.shape
+  dw = np.zeros((k, k, x.shape[-1], g.shape[-1]))
+  for i in range(k):
+    for j in range(k):
+      for h in range(ho):
+        for w in range(wo):
+          dw[i, j] += xp[:, stride * h + i, stride * w + j].T @ g[:, h, w].astype(np.float64)
+  return dw
+
+
+def _gradients(kind, x, kernel, stride, padding, target):
+  loss = lambda x, w: jnp.sum(conv_ops.conv2d(x, w, stride, padding, kind) * target)
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, kernel)
+
+
+# Every (kernel, stride) of the model (ResNet stem 7/2, 3x3 /1 and /2, 1x1 /1 and /2), explicit
+# paddings k // 2 as the model's and asymmetric ones, odd and even sizes.
+CASES = [
+    (1, 1, ((0, 0), (0, 0)), (2, 6, 5)),
+    (1, 2, ((0, 0), (0, 0)), (2, 7, 6)),
+    (3, 1, ((1, 1), (1, 1)), (3, 5, 7)),
+    (3, 2, ((1, 1), (1, 1)), (2, 9, 8)),
+    (3, 2, ((1, 1), (1, 1)), (1, 8, 9)),
+    (7, 2, ((3, 3), (3, 3)), (2, 11, 10)),
+    (3, 1, ((0, 2), (2, 0)), (2, 6, 6)),
+    (3, 2, ((0, 0), (0, 0)), (2, 7, 9)),
+]
+
+
+@pytest.mark.parametrize('k,stride,padding,shape', CASES)
+def test_matmul_gradients_equal_xla_and_a_numpy_loop(k, stride, padding, shape):
+  n, h, w = shape
+  rng = np.random.default_rng(k * 10 + stride)
+  x = rng.standard_normal((n, h, w, 5)).astype(np.float32)
+  kernel = rng.standard_normal((k, k, 5, 4)).astype(np.float32)
+  out = jax.eval_shape(lambda: conv_ops.conv2d(x, kernel, stride, padding, 'xla'))
+  target = rng.standard_normal(out.shape).astype(np.float32)
+
+  dx_xla, dw_xla = _gradients('xla', x, kernel, stride, padding, target)
+  dx, dw = _gradients('matmul', x, kernel, stride, padding, target)
+  np.testing.assert_array_equal(
+      conv_ops.conv2d(x, kernel, stride, padding, 'matmul'),
+      conv_ops.conv2d(x, kernel, stride, padding, 'xla'))
+  np.testing.assert_array_equal(dx, dx_xla)  # the input gradient is XLA's own
+  scale = np.abs(dw_xla).max()
+  np.testing.assert_allclose(dw, dw_xla, rtol=0, atol=1e-5 * scale)
+  reference = _numpy_kernel_gradient(x, target, k, stride, padding)
+  np.testing.assert_allclose(dw, reference, rtol=0, atol=1e-5 * scale)
+  np.testing.assert_allclose(dw_xla, reference, rtol=0, atol=1e-5 * scale)
+
+
+def test_bfloat16_gradients_keep_the_kernel_dtype_and_accumulate_in_float32():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 9, 9, 8)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 8, 6)), jnp.bfloat16)
+  target = jnp.asarray(rng.standard_normal((2, 9, 9, 6)), jnp.bfloat16)
+  padding = ((1, 1), (1, 1))
+  dx, dw = _gradients('matmul', x, kernel, 1, padding, target)
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  reference = _numpy_kernel_gradient(np.asarray(x, np.float32), np.asarray(target, np.float32),
+                                     3, 1, padding)
+  # Products of bfloat16 values are exact in float32: only the final rounding to bfloat16.
+  np.testing.assert_allclose(np.asarray(dw, np.float32), reference, rtol=2 ** -8, atol=1e-2)
+
+
+def test_unknown_algorithm_is_an_error():
+  with pytest.raises(ValueError, match='kernel_grad'):
+    conv_ops.conv2d(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 1, 2, 2)), 1, ((0, 0), (0, 0)), 'im2col')
+
+
+@pytest.mark.parametrize('kernel_grad', ['xla', 'matmul'])
+def test_conv_module_has_flax_convs_parameters_and_outputs(kernel_grad):
+  """layers.Conv replaced flax.linen.Conv: the same parameter tree and values from the same
+  key (so checkpoints, goldens and torchvision imports are unchanged) and the same outputs."""
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 9, 9, 3)), jnp.float32)
+  ours = layers.conv(6, 3, 2, use_bias=True, kernel_grad=kernel_grad)
+  flax_conv = nn.Conv(6, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=True,
+                      kernel_init=layers.MSRA_FILL)
+  v_ours = ours.init(jax.random.key(3), x)
+  v_flax = flax_conv.init(jax.random.key(3), x)
+  assert jax.tree.structure(v_ours) == jax.tree.structure(v_flax)
+  jax.tree.map(np.testing.assert_array_equal, v_ours, v_flax)
+  v_flax['params']['bias'] = jnp.arange(6.0)
+  np.testing.assert_array_equal(ours.apply(v_flax, x), flax_conv.apply(v_flax, x))
+
+
+def test_auto_is_matmul_on_the_cpu_and_reaches_every_conv(monkeypatch):
+  assert jax.default_backend() == 'cpu'
+  assert resolve_kernel_grad('auto') == 'matmul'
+  assert resolve_kernel_grad('xla') == 'xla'
+  config = load_config(REPO / 'configs' / 'tiny.py')
+  assert config.model.conv_kernel_grad == 'auto'
+  seen = []
+
+  def spy(x, kernel, stride, padding, kernel_grad='xla'):
+    seen.append(kernel_grad)
+    return conv_ops.conv2d(x, kernel, stride, padding, kernel_grad)
+
+  monkeypatch.setattr(layers, 'conv2d', spy)
+  for choice, expected in (('auto', 'matmul'), ('xla', 'xla')):
+    config.model.conv_kernel_grad = choice
+    model = build_model(config.model)
+    seen.clear()
+    size = tuple(config.data.image_size)
+    variables = jax.eval_shape(lambda key: init_variables(model, key, size), jax.random.key(0))
+    num_convs = sum(1 for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]
+                    if path[-1].key == 'kernel' and leaf.ndim == 4
+                    and 'deconv' not in jax.tree_util.keystr(path))
+    assert seen == [expected] * len(seen) and len(seen) >= num_convs > 10
