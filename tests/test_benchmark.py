@@ -15,6 +15,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 from absl import flags
 
@@ -55,6 +57,9 @@ def test_training_json(setup):
   assert result['images_per_sec'] > 0 and result['compile_s'] > 0
   assert result['flops_per_image'] > 0 and result['final_loss'] > 0
   assert result['memory'] is None or 'bytes_in_use' in result['memory']
+  trips = result['host_round_trips']
+  assert trips['host_callbacks'] == trips['host_transfers'] == 0  # the step never calls back
+  assert trips['while_loops'] >= trips['data_dependent_loops'] >= 0
   # The same experiment with XLA's kernel gradients, timed beside ours on the same devices.
   baseline = result['baselines']['maskrcnn_jax[model.conv_kernel_grad=xla]']
   assert baseline['images_per_sec'] > 0
@@ -65,6 +70,20 @@ def test_training_json(setup):
   assert {'backbone', 'proposals_nms', 'roi_align_targets_losses (bwd)'} <= set(stages)
   assert (root / 'trace' / 'module.hlo.txt').is_file()
   assert 'img/s' in out.stdout
+
+
+def test_host_round_trips_counts_loops_and_callbacks():
+  def f(x):
+    x = jax.lax.fori_loop(0, 5, lambda i, c: c * 2, x)                  # a known trip count
+    x = jax.lax.while_loop(lambda c: c.sum() < 100, lambda c: c * 2, x)  # data-dependent
+    jax.debug.callback(lambda v: None, x)
+    return x
+  compiled = jax.jit(f).lower(jnp.ones(3)).compile()
+  assert benchmark.host_round_trips(compiled) == dict(
+      while_loops=2, data_dependent_loops=1, host_callbacks=1, host_transfers=0)
+  plain = jax.jit(lambda x: x * 2).lower(jnp.ones(3)).compile()
+  assert benchmark.host_round_trips(plain) == dict(
+      while_loops=0, data_dependent_loops=0, host_callbacks=0, host_transfers=0)
 
 
 def test_flags(monkeypatch):

@@ -129,8 +129,8 @@ class Deconv2x2(nn.Module):
   """Transposed convolution with kernel 2 and stride 2 (no overlap): each input cell becomes a
   2x2 output block, ``out[2i + di, 2j + dj] = x[i, j] @ kernel[di, dj] + bias``.
 
-  Written as one einsum rather than ``nn.ConvTranspose`` because without overlap it is a plain
-  matmul, and its kernel layout (di, dj, C_in, C_out) is torchvision's ``ConvTranspose2d``
+  Written as one matrix product rather than ``nn.ConvTranspose`` because without overlap it is a
+  plain matmul, and its kernel layout (di, dj, C_in, C_out) is torchvision's ``ConvTranspose2d``
   weight (C_in, C_out, di, dj) transposed, with no spatial flip to get wrong.
 
   Attributes:
@@ -147,7 +147,12 @@ class Deconv2x2(nn.Module):
     b, h, w, c = x.shape
     kernel = self.param('kernel', self.kernel_init, (2, 2, c, self.features), self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
-    y = jnp.einsum('bhwc,ijco->bhiwjo', x.astype(self.dtype), kernel.astype(self.dtype))
+    # One (B*H*W, C) x (C, 2*2*features) product, then whole feature rows moved into place:
+    # the same sums as einsum('bhwc,ijco->bhiwjo'), for which XLA:CPU chose the transposed
+    # product and an element-wise transpose of the output (0.67 s of a 832x1344 CPU step).
+    flat = kernel.astype(self.dtype).transpose(2, 0, 1, 3).reshape(c, 4 * self.features)
+    y = jnp.dot(x.astype(self.dtype).reshape(b * h * w, c), flat)
+    y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
     y = y.reshape(b, 2 * h, 2 * w, self.features)
     return y + bias.astype(self.dtype)
 

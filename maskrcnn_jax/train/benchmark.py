@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -40,7 +41,8 @@ RESULT_KEYS = ('benchmark', 'framework', 'date', 'host', 'load_average', 'jax_ve
                'device_kind', 'num_devices', 'per_device_batch_size', 'global_batch_size',
                'image_size', 'precision', 'data', 'num_steps', 'warmup_steps', 'timed_steps',
                'compile_s', 'init_s', 'images_per_sec', 'step_time_ms', 'flops_per_image',
-               'peak_tflops_per_device', 'mfu', 'memory', 'profile', 'baselines')
+               'peak_tflops_per_device', 'mfu', 'memory', 'profile', 'baselines',
+               'host_round_trips')
 INFERENCE_KEYS = ('latency_ms',)
 
 
@@ -215,6 +217,7 @@ def _benchmark(train: bool, config, *, num_steps: int, warmup_steps: int, device
       'image_size': list(config.data.image_size), 'precision': config.model.precision,
       'data': data, 'num_steps': num_steps, 'warmup_steps': warmup_steps, 'timed_steps': timed,
       'compile_s': ours.compile_s, 'init_s': ours.init_s, 'images_per_sec': ips,
+      'host_round_trips': host_round_trips(ours.compiled),
       'step_time_ms': 1e3 * totals[0] / timed, 'flops_per_image': flops,
       'peak_tflops_per_device': peak, 'profile': None,
       'mfu': flops * ips / len(devices) / (peak * 1e12) if peak and flops else None,
@@ -270,6 +273,25 @@ def _flops(compiled) -> float | None:
   return float(cost['flops']) if cost and 'flops' in cost else None
 
 
+def host_round_trips(compiled) -> dict[str, int] | None:
+  """What in the compiled per-device program makes the host wait on the device, counted
+  statically in its HLO: ``while_loops`` (every loop op), ``data_dependent_loops`` (those
+  without a trip count XLA knows: on a GPU the host reads each iteration's condition back),
+  ``host_callbacks`` (Python callbacks) and ``host_transfers`` (send/recv/infeed/outfeed).
+  A loop inside another loop counts once. None where the module text is not available."""
+  try:
+    text = compiled.as_text()
+  except Exception:  # pylint: disable=broad-except  # not every backend keeps it
+    return None
+  loops = [line for line in text.splitlines() if re.search(r'\bwhile\(', line)]
+  return {
+      'while_loops': len(loops),
+      'data_dependent_loops': sum('known_trip_count' not in line for line in loops),
+      'host_callbacks': len(re.findall(r'custom_call_target="[^"]*callback', text)),
+      'host_transfers': len(re.findall(r'\s(?:send|recv|infeed|outfeed)\(', text)),
+  }
+
+
 def _percentiles(seconds: list[float]) -> dict[str, float]:
   ms = np.asarray(seconds) * 1e3
   out = {f'p{q}': float(np.percentile(ms, q)) for q in (50, 90, 95, 99)}
@@ -284,6 +306,14 @@ def write_json(result: dict[str, Any], path: str) -> None:
     f.write('\n')
 
 
+def _round_trips_text(trips: dict[str, int] | None) -> str:
+  if not trips:
+    return ''
+  return (f"host syncs: {trips['data_dependent_loops']} data-dependent loops of "
+          f"{trips['while_loops']}, {trips['host_callbacks']} callbacks, "
+          f"{trips['host_transfers']} transfers")
+
+
 def summary_line(result: dict[str, Any]) -> str:
   """One human-readable line of a result."""
   r, lat = result, result.get('latency_ms')
@@ -294,7 +324,8 @@ def summary_line(result: dict[str, Any]) -> str:
            f"compile {r['compile_s']:.1f} s",
            f"{r['flops_per_image'] / 1e9:.1f} GFLOP/img" if r.get('flops_per_image') else '',
            f"MFU {100 * r['mfu']:.1f}%" if r.get('mfu') is not None else '',
-           f'latency p50/p90/p95/p99 {pct} ms' if lat else '']
+           f'latency p50/p90/p95/p99 {pct} ms' if lat else '',
+           _round_trips_text(r.get('host_round_trips'))]
   parts += [f"{name} {b['images_per_sec']:.3f} img/s" + (f" ({b['threads']} threads)" if
                                                          'threads' in b else '')
             + f", ratio {b['ratio_ours_over_baseline']:.2f}x" for name, b in r['baselines'].items()]
