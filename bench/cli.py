@@ -108,23 +108,24 @@ def run(kind: str, fv: flags.FlagValues = flags.FLAGS) -> dict:
 
 def override_config(config, spec: str):
   """A copy of ``config`` with the ``KEY=VALUE[,KEY=VALUE...]`` of ``spec`` set (values read as
-  Python literals, else strings); `ConfigError` names a key that does not exist."""
+  Python literals, else strings; ml_collections' own type checks); `ConfigError` names a key
+  that does not exist or a value of the wrong type."""
   config = config.copy_and_resolve_references()
+  config.lock()  # an unknown key is an error, not a new key
   for item in spec.split(','):
-    key, sep, text = item.partition('=')
+    key, sep, text = (part.strip() for part in item.partition('='))
     if not sep:
       raise configs.ConfigError(f'--baseline {spec!r}: {item!r} is not KEY=VALUE')
-    *parents, leaf = key.strip().split('.')
-    section = config
-    for name in parents:
-      section = section.get(name) if hasattr(section, 'get') else None
-    if section is None or leaf not in section:
-      raise configs.ConfigError(f'--baseline {spec!r}: config key {key.strip()!r} does not exist')
     try:
-      value = ast.literal_eval(text.strip())
+      value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-      value = text.strip()
-    section[leaf] = value
+      value = text
+    try:
+      config.update_from_flattened_dict({key: value})
+    except KeyError:
+      raise configs.ConfigError(f'--baseline {spec!r}: config key {key!r} does not exist') from None
+    except TypeError as e:
+      raise configs.ConfigError(f'--baseline {spec!r}: config key {key!r}: {e}') from None
   configs.validate_config(config)
   return config
 

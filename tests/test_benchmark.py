@@ -111,7 +111,9 @@ def test_flags(monkeypatch):
   assert (other.model.conv_kernel_grad, other.train.learning_rate) == ('xla', 0.5)
   assert c.model.conv_kernel_grad == 'auto'  # the original is left as it was
   for spec, message in (('model.nope=1', "'model.nope' does not exist"),
+                        ('nope.x=1', "'nope.x' does not exist"),
                         ('model.conv_kernel_grad', 'is not KEY=VALUE'),
+                        ('model.conv_kernel_grad=3', "'model.conv_kernel_grad': .*type"),
                         ('model.conv_kernel_grad=im2col', 'conv_kernel_grad')):
     with pytest.raises(configs.ConfigError, match=message):
       cli.override_config(c, spec)

@@ -75,8 +75,8 @@ def _forward(x, kernel, stride, padding):
 
 def _backward(stride, padding, residuals, g):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda v: _conv(v, kernel, stride, padding), x)
-  dx, = input_vjp(g)
+  # XLA's input gradient: the convolution's transpose in x (no forward pass is traced again).
+  dx, = jax.linear_transpose(lambda v: _conv(v, kernel, stride, padding), x)(g)
   return dx, kernel_gradient(x, g, kernel.shape[:2], stride, padding).astype(kernel.dtype)
 
 
