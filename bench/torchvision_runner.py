@@ -93,6 +93,22 @@ class TorchvisionRunner(benchmark.Runner):
             'masks': torch.from_numpy(masks)})
       params = [p for p in self.model.parameters() if p.requires_grad]
       self.optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+      self._count_foreground()
+
+  def _count_foreground(self):
+    """Records the foreground RoIs sampled per image at each step: torchvision's mask head runs
+    on exactly those (ours on a fixed or bucketed number of slots, config.model.mask)."""
+    heads = self.model.roi_heads
+    sample = heads.select_training_samples
+    self.foreground_rois = None
+
+    def counting(*args, **kwargs):
+      out = sample(*args, **kwargs)
+      labels = out[2]  # (proposals, matched_idxs, labels, regression_targets)
+      self.foreground_rois = float(np.mean([int((l > 0).sum()) for l in labels]))
+      return out
+
+    heads.select_training_samples = counting
 
   def _forward(self):
     x = (self.images.float() / 255.0 - self.mean) / self.std
@@ -116,5 +132,8 @@ class TorchvisionRunner(benchmark.Runner):
       return self._forward()[0]
 
   def describe(self) -> dict[str, Any]:
-    return {'torch_version': torch.__version__, 'torchvision_version': torchvision.__version__,
-            'threads': self.threads, 'same_architecture': same_architecture(self.cfg)}
+    facts = {'torch_version': torch.__version__, 'torchvision_version': torchvision.__version__,
+             'threads': self.threads, 'same_architecture': same_architecture(self.cfg)}
+    if self.train:
+      facts['foreground_rois_per_image'] = self.foreground_rois  # of the last step
+    return facts

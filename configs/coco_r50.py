@@ -130,6 +130,12 @@ def get_config(arg=None):
   # Mask targets thresholded at 0.5 (the reference's get_mask_targets) or left as the bilinear
   # fractions in [0, 1] (torchvision's project_masks_on_boxes: soft targets of the BCE).
   mask.binarize_targets = True
+  # The mask head's RoIs in training: each image's first 128 RoI slots hold its sampled
+  # foreground. 'fixed': all 128 (the reference's static shape); 'bucketed': the fewest of
+  # 16/32/64/128 slots that hold the foreground of every image of the device batch, one branch
+  # of a conditional per size (the same loss and gradients: the other slots weigh 0); 'auto':
+  # bucketed on the CPU backend, fixed elsewhere (a GPU conditional costs a host sync).
+  mask.train_slots = 'auto'
 
   test = model.test = ml_collections.ConfigDict()
   test.detections_per_image = 100

@@ -18,6 +18,7 @@ import ml_collections
 
 PRECISIONS = ('float32', 'bfloat16', 'float16')
 KERNEL_GRADS = ('xla', 'matmul')  # maskrcnn_jax.ops.conv
+MASK_TRAIN_SLOTS = ('fixed', 'bucketed')  # config.model.mask.train_slots (MaskRCNN.losses)
 RESNET_DEPTHS = (18, 34, 50, 101)
 ANCHOR_CONVENTIONS = ('reference', 'torchvision')
 RPN_BOX_NORMALIZERS = ('positives_per_level', 'sampled')
@@ -259,6 +260,7 @@ class MaskSettings:
   loss_weight: float = setting(NONNEGATIVE)
   predictor_init_std: float = setting(NONNEGATIVE)  # 0 = MSRA fill (the reference)
   binarize_targets: bool = setting(boolean)  # >= 0.5 (the reference) or soft (torchvision)
+  train_slots: str = setting(choice('auto', *MASK_TRAIN_SLOTS))  # MaskRCNN.losses
 
   def relations(self):
     yield ('resolution', self.resolution == 2 * self.pooler_size,

@@ -65,6 +65,9 @@ def test_training_json(setup):
   assert baseline['images_per_sec'] > 0
   assert baseline['ratio_ours_over_baseline'] == pytest.approx(
       result['images_per_sec'] / baseline['images_per_sec'])
+  # ... which trained the same: the same loss after the same steps (equal gradients).
+  assert baseline['final_loss'] == pytest.approx(result['final_loss'], rel=1e-4)
+  assert result['foreground_rois_per_image'] >= 0 and trips['conditionals'] >= 0
   # The profile maps the ops to the model's stages by the MaskRCNN method names.
   stages = result['profile']['stage_ms']
   assert {'backbone', 'proposals_nms', 'roi_align_targets_losses (bwd)'} <= set(stages)
@@ -76,14 +79,15 @@ def test_host_round_trips_counts_loops_and_callbacks():
   def f(x):
     x = jax.lax.fori_loop(0, 5, lambda i, c: c * 2, x)                  # a known trip count
     x = jax.lax.while_loop(lambda c: c.sum() < 100, lambda c: c * 2, x)  # data-dependent
+    x = jax.lax.switch(jnp.argmax(x), [jnp.sin, jnp.cos, jnp.tanh], x)  # a branch index
     jax.debug.callback(lambda v: None, x)
     return x
   compiled = jax.jit(f).lower(jnp.ones(3)).compile()
   assert benchmark.host_round_trips(compiled) == dict(
-      while_loops=2, data_dependent_loops=1, host_callbacks=1, host_transfers=0)
+      while_loops=2, data_dependent_loops=1, conditionals=1, host_callbacks=1, host_transfers=0)
   plain = jax.jit(lambda x: x * 2).lower(jnp.ones(3)).compile()
   assert benchmark.host_round_trips(plain) == dict(
-      while_loops=0, data_dependent_loops=0, host_callbacks=0, host_transfers=0)
+      while_loops=0, data_dependent_loops=0, conditionals=0, host_callbacks=0, host_transfers=0)
 
 
 def test_flags(monkeypatch):

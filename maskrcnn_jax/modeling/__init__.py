@@ -7,6 +7,7 @@ Public API:
   frozen_param_mask(params, freeze_at)    (optimizer mask of the frozen backbone stages)
   DTYPES                                  (config.model.precision -> compute dtype)
   resolve_kernel_grad(choice)             (config.model.conv_kernel_grad -> 'xla' | 'matmul')
+  resolve_mask_train_slots(choice)        (config.model.mask.train_slots -> 'fixed' | 'bucketed')
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 
 __all__ = ['COUNTER_KEYS', 'DTYPES', 'LOSS_KEYS', 'MaskRCNN', 'ResNet', 'anchor_shapes',
            'build_model', 'frozen_param_mask', 'init_variables', 'normalize_images',
-           'resolve_kernel_grad']
+           'resolve_kernel_grad', 'resolve_mask_train_slots']
 
 
 def build_model(model_config) -> MaskRCNN:
@@ -37,7 +38,9 @@ def build_model(model_config) -> MaskRCNN:
       num_classes=s.num_classes,
       backbone_cls=functools.partial(ResNet, **dataclasses.asdict(s.backbone)),
       min_level=s.min_level, max_level=s.max_level, fpn_channels=s.fpn_channels,
-      anchors=s.anchors, rpn=s.rpn, roi=s.roi, mask=s.mask, test=s.test,
+      anchors=s.anchors, rpn=s.rpn, roi=s.roi,
+      mask=dataclasses.replace(s.mask, train_slots=resolve_mask_train_slots(s.mask.train_slots)),
+      test=s.test,
       dtype=DTYPES[s.precision], conv_kernel_grad=resolve_kernel_grad(s.conv_kernel_grad))
 
 
@@ -47,4 +50,13 @@ def resolve_kernel_grad(choice: str) -> str:
   'xla' on GPUs and TPUs (cuDNN's backward-filter kernels)."""
   if choice == 'auto':
     return 'matmul' if jax.default_backend() == 'cpu' else 'xla'
+  return choice
+
+
+def resolve_mask_train_slots(choice: str) -> str:
+  """``config.model.mask.train_slots``: 'auto' is 'bucketed' on the CPU backend (the mask head
+  costs by the RoI, and most images have far fewer than 128 foreground RoIs) and 'fixed' on GPUs
+  and TPUs (there a conditional's branch index is read by the host: a sync every step)."""
+  if choice == 'auto':
+    return 'bucketed' if jax.default_backend() == 'cpu' else 'fixed'
   return choice

@@ -145,7 +145,11 @@ class MaskRCNN(nn.Module):
                             dtype=self.dtype, conv_kernel_grad=grad)
     self.box_head = BoxHead(num_classes=self.num_classes, mlp_dim=self.roi.mlp_head_dim,
                             dtype=self.dtype)
-    self.mask_head = MaskHead(num_classes=self.num_classes, num_convs=self.mask.num_convs,
+    # Bucketed: the head's activations are recomputed in the backward pass (nn.remat), so that
+    # each branch of the conditional keeps only its inputs; otherwise the forward conditional
+    # returns every branch's activations, zero-filled for the branches not taken.
+    mask_head_cls = nn.remat(MaskHead) if len(self._mask_buckets()) > 1 else MaskHead
+    self.mask_head = mask_head_cls(num_classes=self.num_classes, num_convs=self.mask.num_convs,
                               conv_dim=self.mask.conv_dim,
                               predictor_init_std=self.mask.predictor_init_std, dtype=self.dtype,
                               conv_kernel_grad=grad)
@@ -296,13 +300,10 @@ class MaskRCNN(nn.Module):
     rois = rois._replace(rois=lax.stop_gradient(rois.rois))
     num_fg = targets.num_mask_rois(roi.batch_size_per_image, roi.fg_fraction)
     fg = jax.tree_util.tree_map(lambda x: x[:, :num_fg], rois)  # the foreground slots
-    mask_targets = jax.vmap(functools.partial(
-        targets.mask_targets, resolution=self.mask.resolution,
-        binarize=self.mask.binarize_targets))(gt, fg.rois, fg.matched)
 
-    # Heads.
+    # Heads (the mask head with its targets and loss sum: `_mask_head_loss_sum`).
     class_logits, box_deltas = self.box_head(self._pool(features, rois.rois, roi.pooler_size))
-    mask_logits = self.mask_head(self._pool(features, fg.rois, self.mask.pooler_size))
+    mask_loss_sum = self._mask_head_loss_sum(features, gt, fg)
 
     # Losses (normalisations: ops.losses; over the devices of batch_axis when given).
     levels = sorted(scores)
@@ -327,8 +328,8 @@ class MaskRCNN(nn.Module):
             jnp.take_along_axis(box_deltas, rois.classes[:, :, None, None], axis=2)[:, :, 0],
             rois.box_targets, rois.foreground, roi.huber_delta,
             None if roi.box_loss_normalizer == 'foreground' else jnp.sum(rois.valid), axis),
-        'mask_loss': loss_ops.mask_loss(_class_channel(mask_logits, fg.classes), mask_targets,
-                                        fg.foreground, axis),
+        'mask_loss': loss_ops.safe_divide(mask_loss_sum, loss_ops.mask_loss_normalizer(
+            fg.foreground, self.mask.resolution, axis)),
     }
     terms['total_loss'] = (terms['rpn_score_loss'] + rpn.box_loss_weight * terms['rpn_box_loss']
                            + terms['fast_rcnn_class_loss']
@@ -337,6 +338,50 @@ class MaskRCNN(nn.Module):
     terms['num_positive_anchors'] = jnp.sum(anchor_targets.positive, dtype=jnp.int32)
     terms['num_foreground_rois'] = jnp.sum(rois.foreground, dtype=jnp.int32)
     return terms
+
+
+  def _mask_loss_sum(self, features, gt: GroundTruth, fg, slots: int):
+    """The mask loss's numerator (`loss_ops.mask_loss_sum`) over the first ``slots`` foreground
+    slots of each image: their mask targets, RoIAlign, mask head and pixel losses."""
+    fg = jax.tree_util.tree_map(lambda x: x[:, :slots], fg)
+    mask_targets = jax.vmap(functools.partial(
+        targets.mask_targets, resolution=self.mask.resolution,
+        binarize=self.mask.binarize_targets))(gt, fg.rois, fg.matched)
+    mask_logits = self.mask_head(self._pool(features, fg.rois, self.mask.pooler_size))
+    return loss_ops.mask_loss_sum(_class_channel(mask_logits, fg.classes), mask_targets,
+                                  fg.foreground)
+
+  def _mask_buckets(self) -> tuple[int, ...]:
+    """The slot counts the training mask head runs on (one: no conditional)."""
+    mode = self.mask.train_slots
+    if mode not in ('fixed', 'bucketed'):
+      raise ValueError(f"mask.train_slots must be 'fixed' or 'bucketed' here, not {mode!r} "
+                       "(build_model resolves 'auto')")
+    num_slots = targets.num_mask_rois(self.roi.batch_size_per_image, self.roi.fg_fraction)
+    return mask_slot_buckets(num_slots) if mode == 'bucketed' else (num_slots,)
+
+  def _mask_head_loss_sum(self, features, gt: GroundTruth, fg):
+    """`_mask_loss_sum` over the foreground slots ``fg`` (B, S), by ``mask.train_slots``.
+
+    'fixed': all S slots (the reference). 'bucketed': the fewest of `mask_slot_buckets` (S)
+    slots that hold every image's foreground (sampled foreground first, so the slots past it
+    weigh 0 and the sum is the same), chosen at run time by ``nn.switch``: one compiled branch
+    per size, the mask head's cost following the batch's foreground count.
+    """
+    buckets = self._mask_buckets()
+    if len(buckets) == 1:
+      return self._mask_loss_sum(features, gt, fg, buckets[0])
+    need = jnp.max(jnp.sum(fg.foreground, axis=1, dtype=jnp.int32))
+    index = jnp.sum(jnp.asarray(buckets[:-1], jnp.int32) < need, dtype=jnp.int32)
+    branches = [functools.partial(MaskRCNN._mask_loss_sum, slots=b) for b in buckets]
+    return nn.switch(index, branches, self, features, gt, fg)
+
+
+def mask_slot_buckets(num_slots: int, smallest: int = 16) -> tuple[int, ...]:
+  """Slot counts the 'bucketed' mask head may run on: ceil(S / 8), ceil(S / 4), ceil(S / 2) and
+  S, none below ``smallest`` (fewer RoIs than that cost little anyway) unless S is: 128 ->
+  (16, 32, 64, 128); 32 -> (16, 32); 16 or fewer -> (S,), no conditional."""
+  return tuple(sorted({min(num_slots, max(smallest, -(-num_slots // d))) for d in (8, 4, 2, 1)}))
 
 
 def _image_keys(key, batch: int, batch_axis: str | None):

@@ -215,9 +215,21 @@ def mask_loss(logits, targets, foreground, axis_name: str | None = None) -> jnp.
 
   logits: (..., R, M, M) selected for each RoI's class; targets: (..., R, M, M) in {0, 1};
   foreground: (..., R) bool; axis_name: the device axis to average the normaliser over
-  (`device_mean`), or None. Returns a float32 scalar: sum / (foreground RoIs * M * M).
+  (`device_mean`), or None. Returns a float32 scalar: sum / (foreground RoIs * M * M), i.e.
+  ``safe_divide(mask_loss_sum(...), mask_loss_normalizer(...))``.
   """
-  weights = jnp.broadcast_to(jnp.asarray(foreground, jnp.float32)[..., None, None],
-                             jnp.shape(logits))
-  loss = sigmoid_cross_entropy(logits, targets) * weights
-  return safe_divide(jnp.sum(loss), device_mean(jnp.sum(weights), axis_name))
+  return safe_divide(mask_loss_sum(logits, targets, foreground),
+                     mask_loss_normalizer(foreground, jnp.shape(logits)[-1], axis_name))
+
+
+def mask_loss_sum(logits, targets, foreground) -> jnp.ndarray:
+  """The numerator of `mask_loss`: float32 sum of the foreground RoIs' pixel losses (slots
+  past the foreground add exact zeros, so any prefix holding all of them gives the same sum)."""
+  weights = jnp.asarray(foreground, jnp.float32)[..., None, None]
+  return jnp.sum(sigmoid_cross_entropy(logits, targets) * weights)
+
+
+def mask_loss_normalizer(foreground, resolution: int, axis_name: str | None = None):
+  """The denominator of `mask_loss`: foreground RoIs * M * M (its device mean with axis_name)."""
+  count = jnp.sum(jnp.asarray(foreground, jnp.float32)) * float(resolution * resolution)
+  return device_mean(count, axis_name)

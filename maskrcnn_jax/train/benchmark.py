@@ -144,12 +144,13 @@ class _ExperimentRunner(Runner):
   def wait(self, out):
     jax.block_until_ready(out)
 
-  def last_loss(self) -> float | None:
-    """Training: the total loss of the last step (device 0's copy, already reduced)."""
+  def last_metric(self, name: str = 'total_loss') -> float | None:
+    """Training: a metric of the last step (device 0's copy, already reduced over devices):
+    'total_loss', or 'num_foreground_rois' (per step: the mask head's workload)."""
     if self.metrics is None:
       return None
     m = jax.tree_util.tree_map(lambda x: x[0], self.metrics).compute()
-    return float(jax.device_get(m['total_loss']))
+    return float(jax.device_get(m[name]))
 
 
 class TrainRunner(_ExperimentRunner):
@@ -231,7 +232,11 @@ def _benchmark(train: bool, config, *, num_steps: int, warmup_steps: int, device
         'ratio_ours_over_baseline': ips / other_ips, **other.describe()}
   end = num_steps
   if train:
-    result['final_loss'] = ours.last_loss()
+    result['final_loss'] = ours.last_metric()
+    result['foreground_rois_per_image'] = ours.last_metric('num_foreground_rois')
+    for other in others:  # another config of ours: its loss after the same steps and batches
+      if isinstance(other, _ExperimentRunner):
+        result['baselines'][other.name]['final_loss'] = other.last_metric()
   else:
     n = timed if latency_steps is None else latency_steps
     result['latency_ms'] = _percentiles(ours.latencies(n, end)) if n > 0 else None
@@ -277,7 +282,9 @@ def host_round_trips(compiled) -> dict[str, int] | None:
   """What in the compiled per-device program makes the host wait on the device, counted
   statically in its HLO: ``while_loops`` (every loop op), ``data_dependent_loops`` (those
   without a trip count XLA knows: on a GPU the host reads each iteration's condition back),
-  ``host_callbacks`` (Python callbacks) and ``host_transfers`` (send/recv/infeed/outfeed).
+  ``conditionals`` (a GPU reads the branch index back: e.g. ``model.mask.train_slots=
+  'bucketed'``), ``host_callbacks`` (Python callbacks) and ``host_transfers``
+  (send/recv/infeed/outfeed).
   A loop inside another loop counts once. None where the module text is not available."""
   try:
     text = compiled.as_text()
@@ -287,6 +294,7 @@ def host_round_trips(compiled) -> dict[str, int] | None:
   return {
       'while_loops': len(loops),
       'data_dependent_loops': sum('known_trip_count' not in line for line in loops),
+      'conditionals': len(re.findall(r'\bconditional\(', text)),
       'host_callbacks': len(re.findall(r'custom_call_target="[^"]*callback', text)),
       'host_transfers': len(re.findall(r'\s(?:send|recv|infeed|outfeed)\(', text)),
   }
@@ -310,7 +318,8 @@ def _round_trips_text(trips: dict[str, int] | None) -> str:
   if not trips:
     return ''
   return (f"host syncs: {trips['data_dependent_loops']} data-dependent loops of "
-          f"{trips['while_loops']}, {trips['host_callbacks']} callbacks, "
+          f"{trips['while_loops']}, {trips.get('conditionals', 0)} conditionals, "
+          f"{trips['host_callbacks']} callbacks, "
           f"{trips['host_transfers']} transfers")
 
 
@@ -326,6 +335,8 @@ def summary_line(result: dict[str, Any]) -> str:
            f"MFU {100 * r['mfu']:.1f}%" if r.get('mfu') is not None else '',
            f'latency p50/p90/p95/p99 {pct} ms' if lat else '',
            _round_trips_text(r.get('host_round_trips'))]
+  if r.get('foreground_rois_per_image') is not None:
+    parts.append(f"foreground RoIs/img {r['foreground_rois_per_image']:.0f}")
   parts += [f"{name} {b['images_per_sec']:.3f} img/s" + (f" ({b['threads']} threads)" if
                                                          'threads' in b else '')
             + f", ratio {b['ratio_ours_over_baseline']:.2f}x" for name, b in r['baselines'].items()]
