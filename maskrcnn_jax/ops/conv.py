@@ -6,9 +6,11 @@ slower than the forward convolution of the same FLOPs, and 49.6% of the CPU trai
 `configs/coco_r50.py` (docs/performance.md). On GPUs cuDNN has real backward-filter kernels, so
 this only matters on the CPU.
 
-``kernel_grad='matmul'`` keeps the forward convolution and XLA's input gradient and computes the
-kernel gradient as one matrix product per kernel tap, each over contiguous rows of a 2-D array
-(the layout XLA:CPU's matrix multiply is fastest on; no im2col patch tensor, no transposed copy):
+``kernel_grad='matmul'`` keeps the forward convolution and XLA's input gradient of stride-1
+convolutions (a strided convolution's input gradient is computed per output phase, as stride-1
+convolutions: `input_gradient`) and computes the kernel gradient as one matrix product per kernel
+tap, each over contiguous rows of a 2-D array (the layout XLA:CPU's matrix multiply is fastest
+on; no im2col patch tensor, no transposed copy):
 
 * The padded input is split into its ``stride x stride`` phases (``x[:, a::s, b::s]``), each
   flattened to (N * Hq * Wq, C_in) rows, and the output gradient padded with zeros to the same
@@ -75,8 +77,11 @@ def _forward(x, kernel, stride, padding):
 
 def _backward(stride, padding, residuals, g):
   x, kernel = residuals
-  # XLA's input gradient: the convolution's transpose in x (no forward pass is traced again).
-  dx, = jax.linear_transpose(lambda v: _conv(v, kernel, stride, padding), x)(g)
+  if stride == 1:
+    # XLA's input gradient: the convolution's transpose in x (no forward pass traced again).
+    dx, = jax.linear_transpose(lambda v: _conv(v, kernel, stride, padding), x)(g)
+  else:
+    dx = input_gradient(g, kernel, x.shape, stride, padding)
   return dx, kernel_gradient(x, g, kernel.shape[:2], stride, padding).astype(kernel.dtype)
 
 
@@ -113,6 +118,51 @@ def kernel_gradient(x: jnp.ndarray, g: jnp.ndarray, kernel_size: Sequence[int], 
       taps.append(lax.dot_general(lax.slice_in_dim(phase, offset, offset + rows), g,
                                   (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32))
   return jnp.stack(taps).reshape(kh, kw, c_in, c_out)
+
+
+def input_gradient(g: jnp.ndarray, kernel: jnp.ndarray, x_shape: Sequence[int], stride: int,
+                   padding: Padding) -> jnp.ndarray:
+  """d(sum(g * conv(x, kernel))) / dx of a strided convolution, as stride-1 convolutions, one
+  per output phase (XLA's transpose convolves the zero-dilated gradient: s * s times the work).
+
+  Input row n meets kernel row t at output row (n + pad - t) / s, so the rows with
+  (n + pad) % s == r see only taps r, r + s, ...: their gradient is a stride-1 convolution of g
+  with that sub-kernel, flipped, inputs and outputs swapped. Each phase's result is placed on
+  every s-th row and column of dx (interior padding) and the phases summed.
+
+  g: (N, Ho, Wo, C_out); kernel: (kh, kw, C_in, C_out); x_shape: (N, H, W, C_in).
+  """
+  s = stride
+  zero = jnp.zeros((), g.dtype)
+  rows = [_phase(x_shape[1], kernel.shape[0], s, padding[0][0], g.shape[1], r) for r in range(s)]
+  cols = [_phase(x_shape[2], kernel.shape[1], s, padding[1][0], g.shape[2], r) for r in range(s)]
+  dx = None
+  for rh, (taps_h, lo_h, hi_h, first_h, count_h) in enumerate(rows):
+    for rw, (taps_w, lo_w, hi_w, first_w, count_w) in enumerate(cols):
+      if not (taps_h and taps_w and count_h > 0 and count_w > 0):
+        continue  # no tap reaches these rows or columns (a 1x1 kernel's odd phases)
+      sub = jnp.flip(kernel[rh::s, rw::s], (0, 1)).swapaxes(2, 3)
+      grad = lax.pad(g, zero, ((0, 0, 0), (lo_h, hi_h, 0), (lo_w, hi_w, 0), (0, 0, 0)))
+      phase = lax.conv_general_dilated(grad, sub, (1, 1), 'VALID', dimension_numbers=_DIMENSIONS)
+      placed = lax.pad(phase, zero, (
+          (0, 0, 0), (first_h, x_shape[1] - first_h - s * (count_h - 1) - 1, s - 1),
+          (first_w, x_shape[2] - first_w - s * (count_w - 1) - 1, s - 1), (0, 0, 0)))
+      dx = placed if dx is None else dx + placed
+  return jnp.zeros(x_shape, g.dtype) if dx is None else dx
+
+
+def _phase(size: int, k: int, s: int, pad: int, out_size: int, r: int):
+  """Along one axis, the input rows n with (n + pad) % s == r: (taps, lo, hi, first, count).
+
+  Row n = s * m + r - pad gets sum_j g[m - j] * kernel[r + s * j] over its ``taps`` j; rows m
+  from m0 = ceil((pad - r) / s) for ``count`` rows (the first is input row ``first``); ``lo``,
+  ``hi``: the padding (negative: cropping) of g that makes it a 'VALID' convolution.
+  """
+  taps = max(0, -(-(k - r) // s))
+  m0 = max(0, -(-(pad - r) // s))
+  count = (size - 1 + pad - r) // s - m0 + 1
+  lo = taps - 1 - m0
+  return taps, lo, count + taps - 1 - out_size - lo, s * m0 + r - pad, count
 
 
 def _fit(x, axis: int, size: int):

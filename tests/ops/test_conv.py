@@ -1,4 +1,5 @@
-"""The matmul kernel gradient of maskrcnn_jax.ops.conv against XLA's and a NumPy loop."""
+"""The matmul gradients of maskrcnn_jax.ops.conv (kernel gradients; strided convolutions' input
+gradients per phase) against XLA's and NumPy loops."""
 
 import pathlib
 
@@ -29,6 +30,21 @@ def _numpy_kernel_gradient(x, g, k, stride, padding):
   return dw
 
 
+def _numpy_input_gradient(g, kernel, x_shape, stride, padding):
+  """dx[n, s*h + i - top, s*w + j - left] += g[n, h, w] @ kernel[i, j].T, then the padding cut."""
+  (top, bottom), (left, right) = padding
+  n, h, w, _ = x_shape
+  dx = np.zeros((n, h + top + bottom + stride, w + left + right + stride, x_shape[-1]))
+  k = kernel.shape[0]
+  for i in range(k):
+    for j in range(k):
+      for y in range(g.shape[1]):
+        for x in range(g.shape[2]):
+          dx[:, stride * y + i, stride * x + j] += (g[:, y, x].astype(np.float64)
+                                                    @ kernel[i, j].T.astype(np.float64))
+  return dx[:, top:top + h, left:left + w]
+
+
 def _gradients(kind, x, kernel, stride, padding, target):
   loss = lambda x, w: jnp.sum(conv_ops.conv2d(x, w, stride, padding, kind) * target)
   return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, kernel)
@@ -45,6 +61,9 @@ CASES = [
     (7, 2, ((3, 3), (3, 3)), (2, 11, 10)),
     (3, 1, ((0, 2), (2, 0)), (2, 6, 6)),
     (3, 2, ((0, 0), (0, 0)), (2, 7, 9)),
+    (3, 2, ((0, 1), (0, 1)), (1, 8, 7)),  # the model's 'SAME' for even sizes (TF's)
+    (1, 2, ((0, 0), (0, 0)), (1, 7, 8)),  # odd: the last row gets no gradient
+    (3, 3, ((1, 1), (1, 1)), (1, 10, 11)),  # more phases than the model has
 ]
 
 
@@ -62,7 +81,13 @@ def test_matmul_gradients_equal_xla_and_a_numpy_loop(k, stride, padding, shape):
   np.testing.assert_array_equal(
       conv_ops.conv2d(x, kernel, stride, padding, 'matmul'),
       conv_ops.conv2d(x, kernel, stride, padding, 'xla'))
-  np.testing.assert_array_equal(dx, dx_xla)  # the input gradient is XLA's own
+  if stride == 1:
+    np.testing.assert_array_equal(dx, dx_xla)  # the input gradient is XLA's own
+  else:  # per phase: the same sums in another order
+    dx_scale = np.abs(dx_xla).max()
+    np.testing.assert_allclose(dx, dx_xla, rtol=0, atol=1e-5 * dx_scale)
+    np.testing.assert_allclose(dx, _numpy_input_gradient(target, kernel, x.shape, stride, padding),
+                               rtol=0, atol=1e-5 * dx_scale)
   scale = np.abs(dw_xla).max()
   np.testing.assert_allclose(dw, dw_xla, rtol=0, atol=1e-5 * scale)
   reference = _numpy_kernel_gradient(x, target, k, stride, padding)
