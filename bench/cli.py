@@ -83,7 +83,7 @@ def run(kind: str, fv: flags.FlagValues = flags.FLAGS) -> dict:
     import torchvision_runner  # pylint: disable=import-outside-toplevel  # torch is optional
     threads = fv.threads or os.cpu_count()
     extra.append(lambda ours: torchvision_runner.TorchvisionRunner(
-        config, ours.first_host_batch, train, threads))
+        config, ours.host_ring, train, threads))
   for spec in fv.baseline:
     extra.append(functools.partial(_config_baseline, override_config(config, spec), spec, train))
   profile = ((lambda ours, start: profiles.trace(ours, fv.profile_dir, fv.profile_steps, start))

@@ -1,9 +1,10 @@
 """torchvision's Mask R-CNN R50-FPN as a benchmark runner beside ours (needs torch, torchvision).
 
 `TorchvisionRunner` is a :class:`maskrcnn_jax.train.benchmark.Runner`: the drivers time it in
-windows alternated with our step (``extra_runners=``), on the same first host batch, canvas and
-per-step image count. `build_torchvision_model` builds ``maskrcnn_resnet50_fpn``'s architecture
-configured like config.model; `same_architecture` says whether the comparison is like for like.
+windows alternated with our step (``extra_runners=``), on the same host batches in the same
+order, canvas and per-step image count. `build_torchvision_model` builds
+``maskrcnn_resnet50_fpn``'s architecture configured like config.model; `same_architecture` says
+whether the comparison is like for like.
 """
 
 from __future__ import annotations
@@ -58,42 +59,51 @@ def same_architecture(cfg) -> bool:
 
 
 class TorchvisionRunner(benchmark.Runner):
-  """torchvision Mask R-CNN on a host batch: train mode with an SGD step (momentum 0.9, L2
-  1e-4), or eval mode under ``torch.no_grad``. Images go in as uint8 NCHW and are normalised
+  """torchvision Mask R-CNN on host batches: train mode with an SGD step (momentum 0.9, L2
+  1e-4), or eval mode under ``torch.no_grad``. Step i runs on ``host_batches[i % len]`` (ours:
+  its ``host_ring``, so both do the same work). Images go in as uint8 NCHW and are normalised
   inside the step, as ours are; ground-truth masks are full-canvas (torchvision's format), filled
   boxes of the same instances."""
   name = 'torchvision'
 
-  def __init__(self, cfg, host_batch: dict, train: bool, threads: int):
+  def __init__(self, cfg, host_batches, train: bool, threads: int):
     self.cfg, self.train = cfg, train
     torch.set_num_threads(threads)
     self.threads = torch.get_num_threads()
     torch.manual_seed(0)
     self.model = build_torchvision_model(cfg)
     self.model.train(train)
-    self.images = torch.from_numpy(np.ascontiguousarray(
-        np.transpose(host_batch['images'], (0, 3, 1, 2))))
-    self.images_per_step = self.images.shape[0]
-    self.sizes = [tuple(int(v) for v in s) for s in host_batch['image_sizes']]
+    if isinstance(host_batches, dict):
+      host_batches = [host_batches]
+    self.inputs = [self._inputs(b) for b in host_batches]
+    self.images_per_step = self.inputs[0][0].shape[0]
     self.mean = torch.tensor(cfg.data.pixel_mean).view(1, 3, 1, 1)
     self.std = torch.tensor(cfg.data.pixel_std).view(1, 3, 1, 1)
-    self.targets = None
     if train:
-      h, w = self.images.shape[2:]
-      self.targets = []
-      for b in range(self.images_per_step):
-        valid = host_batch['gt_valid'][b] & ~host_batch['gt_is_crowd'][b]
-        boxes = host_batch['gt_boxes'][b][valid]
-        masks = np.zeros((len(boxes), h, w), np.uint8)
-        for i, (x1, y1, x2, y2) in enumerate(np.round(boxes).astype(int)):
-          masks[i, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)] = 1
-        self.targets.append({
-            'boxes': torch.from_numpy(boxes.astype(np.float32)),
-            'labels': torch.from_numpy(host_batch['gt_classes'][b][valid].astype(np.int64)),
-            'masks': torch.from_numpy(masks)})
       params = [p for p in self.model.parameters() if p.requires_grad]
       self.optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
       self._count_foreground()
+
+  def _inputs(self, host_batch):
+    """(uint8 NCHW images, image sizes, targets or None) of one host batch."""
+    images = torch.from_numpy(np.ascontiguousarray(
+        np.transpose(host_batch['images'], (0, 3, 1, 2))))
+    sizes = [tuple(int(v) for v in s) for s in host_batch['image_sizes']]
+    if not self.train:
+      return images, sizes, None
+    h, w = images.shape[2:]
+    targets = []
+    for b in range(images.shape[0]):
+      valid = host_batch['gt_valid'][b] & ~host_batch['gt_is_crowd'][b]
+      boxes = host_batch['gt_boxes'][b][valid]
+      masks = np.zeros((len(boxes), h, w), np.uint8)
+      for i, (x1, y1, x2, y2) in enumerate(np.round(boxes).astype(int)):
+        masks[i, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)] = 1
+      targets.append({
+          'boxes': torch.from_numpy(boxes.astype(np.float32)),
+          'labels': torch.from_numpy(host_batch['gt_classes'][b][valid].astype(np.int64)),
+          'masks': torch.from_numpy(masks)})
+    return images, sizes, targets
 
   def _count_foreground(self):
     """Records the foreground RoIs sampled per image at each step: torchvision's mask head runs
@@ -110,26 +120,26 @@ class TorchvisionRunner(benchmark.Runner):
 
     heads.select_training_samples = counting
 
-  def _forward(self):
-    x = (self.images.float() / 255.0 - self.mean) / self.std
-    image_list = ImageList(x, self.sizes)
+  def _forward(self, i):
+    images, sizes, targets = self.inputs[i % len(self.inputs)]
+    x = (images.float() / 255.0 - self.mean) / self.std
+    image_list = ImageList(x, sizes)
     features = self.model.backbone(image_list.tensors)
-    proposals, rpn_losses = self.model.rpn(image_list, features, self.targets)
+    proposals, rpn_losses = self.model.rpn(image_list, features, targets)
     detections, roi_losses = self.model.roi_heads(features, proposals, image_list.image_sizes,
-                                                  self.targets)
+                                                  targets)
     return detections, {**rpn_losses, **roi_losses}
 
   def step(self, i):
-    del i
     if self.train:
       self.optimizer.zero_grad(set_to_none=True)
-      _, losses = self._forward()
+      _, losses = self._forward(i)
       loss = sum(losses.values())
       loss.backward()
       self.optimizer.step()
       return loss.detach()
     with torch.no_grad():
-      return self._forward()[0]
+      return self._forward(i)[0]
 
   def describe(self) -> dict[str, Any]:
     facts = {'torch_version': torch.__version__, 'torchvision_version': torchvision.__version__,

@@ -339,7 +339,6 @@ class MaskRCNN(nn.Module):
     terms['num_foreground_rois'] = jnp.sum(rois.foreground, dtype=jnp.int32)
     return terms
 
-
   def _mask_loss_sum(self, features, gt: GroundTruth, fg, slots: int):
     """The mask loss's numerator (`loss_ops.mask_loss_sum`) over the first ``slots`` foreground
     slots of each image: their mask targets, RoIAlign, mask head and pixel losses."""

@@ -120,15 +120,17 @@ class _ExperimentRunner(Runner):
     jax.block_until_ready(self.args)
     self.init_s = time.perf_counter() - t0
     host = host_batches(cfg, self.images_per_step, data, train, seed)
-    self.first_host_batch = next(host)  # for another framework's runner (bench/)
-    host = itertools.chain([self.first_host_batch], host)
     keys = spec.TRAIN_KEYS if train else spec.INFER_KEYS
     if data == 'synthetic':
-      ring_batches = list(step_lib.device_batches(itertools.islice(host, ring), keys,
-                                                  exp.devices))
+      # Step i runs on host_ring[i % ring]; another framework's runner (bench/) cycles the
+      # same host batches, so that both do the same work (the foreground count sets the
+      # bucketed mask head's).
+      self.host_ring = list(itertools.islice(host, ring))
+      ring_batches = list(step_lib.device_batches(iter(self.host_ring), keys, exp.devices))
       self.batch_at = lambda i: ring_batches[i % len(ring_batches)]
     else:
-      it = step_lib.device_batches(host, keys, exp.devices)
+      self.host_ring = [next(host)]  # real data streams on; another framework gets the first
+      it = step_lib.device_batches(itertools.chain(self.host_ring, host), keys, exp.devices)
       self.batch_at = lambda i: next(it)
     t0 = time.perf_counter()
     fn = exp.train_step if train else exp.infer_step
@@ -189,7 +191,7 @@ def _benchmark(train: bool, config, *, num_steps: int, warmup_steps: int, device
   or the first ``num_devices`` (None: all). data: 'synthetic' (seeded by ``seed``) or 'real'.
   peak_tflops: for the MFU (None: `PEAK_TFLOPS`). latency_steps: batches of the inference latency
   pass (default: as many as were timed). extra_runners: ``make(ours) -> Runner`` (ours built
-  first: its ``first_host_batch`` can feed another framework), timed in ``rounds`` windows
+  first: its ``host_ring`` of host batches can feed another framework), timed in ``rounds`` windows
   alternated with ours, in ``result['baselines'][name]``. profile: ``profile(ours, next_step)``,
   called last (bench/profiles.py traces steps), is ``result['profile']``."""
   if not 0 <= warmup_steps < num_steps:

@@ -55,33 +55,43 @@ def _batch(config, num_objects: int):
   return batch
 
 
-def _loss_and_grads(config, variables, batch):
-  model = modeling.build_model(config.model)
-  mean, std = config.data.pixel_mean, config.data.pixel_std
+@pytest.fixture(scope='module')
+def variables():
+  config = _config('fixed')
+  return modeling.init_variables(modeling.build_model(config.model), jax.random.key(0),
+                                 tuple(config.data.image_size))
 
-  def total(params):
-    images = modeling.normalize_images(batch['images'], batch['image_sizes'], mean, std)
-    out = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, images,
-                      batch['image_sizes'], GroundTruth.from_batch(batch), train=True,
-                      rngs={'sampling': jax.random.key(3)})
-    return out['total_loss'], out
 
-  fn = jax.jit(jax.grad(total, has_aux=True))
-  jaxpr = str(jax.make_jaxpr(fn)(variables['params']))
-  grads, out = jax.device_get(fn(variables['params']))
-  return out, grads, 'cond[' in jaxpr
+@pytest.fixture(scope='module')
+def grad_fns(variables):
+  """train_slots -> (jitted (params, batch) -> (grads, losses), whether it has a conditional);
+  compiled once per mode for both batches."""
+  fns = {}
+  for mode in ('fixed', 'bucketed'):
+    config = _config(mode)
+    model = modeling.build_model(config.model)
+    mean, std = config.data.pixel_mean, config.data.pixel_std
+
+    def total(params, batch, model=model, mean=mean, std=std):
+      images = modeling.normalize_images(batch['images'], batch['image_sizes'], mean, std)
+      out = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, images,
+                        batch['image_sizes'], GroundTruth.from_batch(batch), train=True,
+                        rngs={'sampling': jax.random.key(3)})
+      return out['total_loss'], out
+
+    fn = jax.jit(jax.grad(total, has_aux=True))
+    jaxpr = str(jax.make_jaxpr(fn)(variables['params'], _batch(config, 1)))
+    fns[mode] = fn, 'cond[' in jaxpr
+  return fns
 
 
 @pytest.mark.parametrize('num_objects', [3, 20])
-def test_bucketed_equals_fixed(num_objects):
-  fixed_config = _config('fixed')
-  variables = modeling.init_variables(modeling.build_model(fixed_config.model),
-                                      jax.random.key(0), tuple(fixed_config.data.image_size))
-  batch = _batch(fixed_config, num_objects)
-  fixed, fixed_grads, fixed_cond = _loss_and_grads(fixed_config, variables, batch)
-  bucketed, bucketed_grads, bucketed_cond = _loss_and_grads(_config('bucketed'), variables,
-                                                            batch)
+def test_bucketed_equals_fixed(num_objects, variables, grad_fns):
+  batch = _batch(_config('fixed'), num_objects)
+  (fixed_fn, fixed_cond), (bucketed_fn, bucketed_cond) = grad_fns['fixed'], grad_fns['bucketed']
   assert bucketed_cond and not fixed_cond
+  fixed_grads, fixed = jax.device_get(fixed_fn(variables['params'], batch))
+  bucketed_grads, bucketed = jax.device_get(bucketed_fn(variables['params'], batch))
   # 3 objects fit the 16-slot branch; 20 (each ground truth is a foreground candidate) need
   # the full 32.
   foreground = int(fixed['num_foreground_rois'])
