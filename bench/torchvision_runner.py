@@ -73,8 +73,6 @@ class TorchvisionRunner(benchmark.Runner):
     torch.manual_seed(0)
     self.model = build_torchvision_model(cfg)
     self.model.train(train)
-    if isinstance(host_batches, dict):
-      host_batches = [host_batches]
     self.inputs = [self._inputs(b) for b in host_batches]
     self.images_per_step = self.inputs[0][0].shape[0]
     self.mean = torch.tensor(cfg.data.pixel_mean).view(1, 3, 1, 1)

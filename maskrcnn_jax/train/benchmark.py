@@ -320,7 +320,7 @@ def _round_trips_text(trips: dict[str, int] | None) -> str:
   if not trips:
     return ''
   return (f"host syncs: {trips['data_dependent_loops']} data-dependent loops of "
-          f"{trips['while_loops']}, {trips.get('conditionals', 0)} conditionals, "
+          f"{trips['while_loops']}, {trips['conditionals']} conditionals, "
           f"{trips['host_callbacks']} callbacks, "
           f"{trips['host_transfers']} transfers")
 
