@@ -6,11 +6,11 @@ slower than the forward convolution of the same FLOPs, and 49.6% of the CPU trai
 `configs/coco_r50.py` (docs/performance.md). On GPUs cuDNN has real backward-filter kernels, so
 this only matters on the CPU.
 
-``kernel_grad='matmul'`` keeps the forward convolution and XLA's input gradient of stride-1
-convolutions (a strided convolution's input gradient is computed per output phase, as stride-1
-convolutions: `input_gradient`) and computes the kernel gradient as one matrix product per kernel
-tap, each over contiguous rows of a 2-D array (the layout XLA:CPU's matrix multiply is fastest
-on; no im2col patch tensor, no transposed copy):
+``kernel_grad='matmul'`` keeps the forward convolution, computes the input gradient as forward
+convolutions of the flipped kernel with its channels swapped (`input_gradient`: one for stride 1,
+one per output phase for a strided convolution) and the kernel gradient as one matrix product
+per kernel tap, each over contiguous rows of a 2-D array (the layout XLA:CPU's matrix multiply is
+fastest on; no im2col patch tensor, no transposed copy):
 
 * The padded input is split into its ``stride x stride`` phases (``x[:, a::s, b::s]``), each
   flattened to (N * Hq * Wq, C_in) rows, and the output gradient padded with zeros to the same
@@ -24,6 +24,13 @@ The work is (Hq * Wq) / (Ho * Wo) times the exact one (1.31 for the mask head's 
 1.02 for P2 of a 832x1344 canvas); both algorithms compute the same sums in another order and
 agree to float32 rounding (tests/ops/test_conv.py compares them with XLA's gradients for every
 kernel, stride and padding the model uses).
+
+Why the input gradient is written out for stride 1 too: XLA's transpose of a convolution is a
+convolution with an 'OI'-ordered kernel. At the top level of a program XLA:CPU's layout pass
+copies that kernel into the forward order and hands the convolution to its fast (YNNPACK)
+kernels, but not inside a conditional's branch (the bucketed mask head,
+`MaskRCNN._mask_head_loss_sum`): there it ran on the generic convolution loop, 3-5x slower
+(docs/performance.md). A forward convolution of the swapped kernel is fast in both places.
 """
 
 from __future__ import annotations
@@ -77,11 +84,7 @@ def _forward(x, kernel, stride, padding):
 
 def _backward(stride, padding, residuals, g):
   x, kernel = residuals
-  if stride == 1:
-    # XLA's input gradient: the convolution's transpose in x (no forward pass traced again).
-    dx, = jax.linear_transpose(lambda v: _conv(v, kernel, stride, padding), x)(g)
-  else:
-    dx = input_gradient(g, kernel, x.shape, stride, padding)
+  dx = input_gradient(g, kernel, x.shape, stride, padding)
   return dx, kernel_gradient(x, g, kernel.shape[:2], stride, padding).astype(kernel.dtype)
 
 
@@ -122,8 +125,9 @@ def kernel_gradient(x: jnp.ndarray, g: jnp.ndarray, kernel_size: Sequence[int], 
 
 def input_gradient(g: jnp.ndarray, kernel: jnp.ndarray, x_shape: Sequence[int], stride: int,
                    padding: Padding) -> jnp.ndarray:
-  """d(sum(g * conv(x, kernel))) / dx of a strided convolution, as stride-1 convolutions, one
-  per output phase (XLA's transpose convolves the zero-dilated gradient: s * s times the work).
+  """d(sum(g * conv(x, kernel))) / dx as stride-1 forward convolutions, one per output phase
+  (one in all for stride 1; for stride s XLA's transpose convolves the zero-dilated gradient:
+  s * s times the work).
 
   Input row n meets kernel row t at output row (n + pad - t) / s, so the rows with
   (n + pad) % s == r see only taps r, r + s, ...: their gradient is a stride-1 convolution of g

@@ -1,7 +1,8 @@
-"""The matmul gradients of maskrcnn_jax.ops.conv (kernel gradients; strided convolutions' input
-gradients per phase) against XLA's and NumPy loops."""
+"""The matmul gradients of maskrcnn_jax.ops.conv (kernel gradients; input gradients as forward
+convolutions, per phase when strided) against XLA's and NumPy loops."""
 
 import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -81,18 +82,40 @@ def test_matmul_gradients_equal_xla_and_a_numpy_loop(k, stride, padding, shape):
   np.testing.assert_array_equal(
       conv_ops.conv2d(x, kernel, stride, padding, 'matmul'),
       conv_ops.conv2d(x, kernel, stride, padding, 'xla'))
-  if stride == 1:
-    np.testing.assert_array_equal(dx, dx_xla)  # the input gradient is XLA's own
-  else:  # per phase: the same sums in another order
-    dx_scale = np.abs(dx_xla).max()
-    np.testing.assert_allclose(dx, dx_xla, rtol=0, atol=1e-5 * dx_scale)
-    np.testing.assert_allclose(dx, _numpy_input_gradient(target, kernel, x.shape, stride, padding),
-                               rtol=0, atol=1e-5 * dx_scale)
+  # Forward convolutions of the swapped kernel (per phase if strided): the same sums in
+  # another order.
+  dx_scale = np.abs(dx_xla).max()
+  np.testing.assert_allclose(dx, dx_xla, rtol=0, atol=1e-5 * dx_scale)
+  np.testing.assert_allclose(dx, _numpy_input_gradient(target, kernel, x.shape, stride, padding),
+                             rtol=0, atol=1e-5 * dx_scale)
   scale = np.abs(dw_xla).max()
   np.testing.assert_allclose(dw, dw_xla, rtol=0, atol=1e-5 * scale)
   reference = _numpy_kernel_gradient(x, target, k, stride, padding)
   np.testing.assert_allclose(dw, reference, rtol=0, atol=1e-5 * scale)
   np.testing.assert_allclose(dw_xla, reference, rtol=0, atol=1e-5 * scale)
+
+
+def test_matmul_gradients_in_a_conditional_branch_are_forward_order_convolutions():
+  """XLA's transpose of a convolution has an 'OI'-ordered kernel that XLA:CPU leaves on its slow
+  generic loop inside a conditional's branch (the bucketed mask head's); 'matmul' writes the
+  input gradient as forward convolutions, so the compiled branch has only 'IO' kernels."""
+  x = jnp.ones((2, 6, 6, 8))
+  kernels = (jnp.ones((3, 3, 8, 8)), jnp.ones((1, 1, 8, 8)))
+
+  def loss(kernels, x, index):
+    def branch(n):
+      def f(kernels, x):
+        y = x[:n]
+        for kernel in kernels:
+          pad = kernel.shape[0] // 2
+          y = conv_ops.conv2d(y, kernel, 1, ((pad, pad), (pad, pad)), 'matmul')
+        return jnp.sum(y * y)
+      return f
+    return jax.lax.switch(index, [branch(1), branch(2)], kernels, x)
+
+  hlo = jax.jit(jax.grad(loss)).lower(kernels, x, 1).compile().as_text()
+  labels = re.findall(r'dim_labels=\w+_(\w+)->', hlo)
+  assert labels and all(label.endswith('io') for label in labels), labels
 
 
 def test_bfloat16_gradients_keep_the_kernel_dtype_and_accumulate_in_float32():
