@@ -23,9 +23,12 @@ import functools
 
 from absl import app
 
+from maskrcnn_jax import huge_pages
+
 import cli  # bench/, on sys.path as this script's folder
 
 cli.define_flags('training')
 
 if __name__ == '__main__':
+  huge_pages.restart_with_huge_pages()
   app.run(functools.partial(cli.main, 'training'))

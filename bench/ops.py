@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maskrcnn_jax import huge_pages
 from maskrcnn_jax.ops import anchors as anchor_ops
 from maskrcnn_jax.ops import nms as nms_ops
 from maskrcnn_jax.ops import proposals as proposal_ops
@@ -328,4 +329,5 @@ def main():
 
 
 if __name__ == '__main__':
+  huge_pages.restart_with_huge_pages()
   main()

@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from maskrcnn_jax import huge_pages
 from maskrcnn_jax import files
 from maskrcnn_jax import inference
 from maskrcnn_jax import model_flags
@@ -267,6 +268,7 @@ def main(argv) -> int:
 
 
 if __name__ == '__main__':
+  huge_pages.restart_with_huge_pages()
   from absl import app as _app  # pylint: disable=import-outside-toplevel
   _define_flags()
   _app.run(main)

@@ -35,6 +35,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from maskrcnn_jax import configs  # no JAX: the config is validated before JAX loads
+from maskrcnn_jax import huge_pages
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
@@ -142,6 +143,7 @@ def main(argv) -> int:
 
 
 def run() -> None:
+  huge_pages.restart_with_huge_pages()  # before JAX loads: see maskrcnn_jax/huge_pages.py
   app.run(main)
 
 

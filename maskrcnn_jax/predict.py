@@ -27,6 +27,7 @@ import time
 from absl import app
 from absl import flags
 
+from maskrcnn_jax import huge_pages
 from maskrcnn_jax import files
 from maskrcnn_jax import model_flags
 
@@ -123,4 +124,5 @@ def main(argv) -> int:
 
 
 if __name__ == '__main__':
+  huge_pages.restart_with_huge_pages()
   app.run(main)
