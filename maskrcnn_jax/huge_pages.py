@@ -8,7 +8,8 @@ Why. XLA:CPU allocates a step's large temporaries afresh on every run; glibc ser
 `configs/coco_r50.py` ran 13.7 s without huge pages and 10.5 s with them (docs/performance.md).
 With ``glibc.malloc.hugetlb=1`` malloc asks the kernel for transparent huge pages
 (``madvise``), 512x fewer faults. glibc reads its tunables only when a process starts, hence the
-restart (``os.execve`` of the same command line, before anything heavy is imported).
+restart (``os.execve`` of the same command line, first thing in the program's ``__main__``
+block: before JAX starts a backend; what was imported by then is imported again).
 
 Nothing happens when: the variable already sets ``glibc.malloc.hugetlb`` (the user's choice, or
 the restarted process), ``MASKRCNN_JAX_HUGE_PAGES=0``, the C library is not glibc, or the kernel
