@@ -20,6 +20,7 @@ a run is resumed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from typing import Any, Callable, NamedTuple
 
 import flax.jax_utils
 import jax
+from jax._src import distributed as jax_distributed  # the coordination client (no public API)
 import numpy as np
 
 from maskrcnn_jax import configs
@@ -111,6 +113,27 @@ class Run:
 def _writer(workdir: str):
   from clu import metric_writers  # pylint: disable=import-outside-toplevel  # imports TensorFlow
   return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+
+# How long a process waits for the others to compile a step before the run fails.
+COMPILE_BARRIER_TIMEOUT_S = 1800
+
+
+def _compile_on_every_process(fn: Callable, args: tuple, name: str) -> None:
+  """In a multi-process run with a persistent compilation cache: compiles `fn` for `args` into
+  the cache and returns once every process has (the first call then loads it from the cache).
+
+  Why: on the CPU the first collective of a program sets up a Gloo context, and a process waits
+  at most 30 s (fixed in XLA) for the others' keys; a host still compiling then fails the run
+  ("Gloo context initialization failed: DEADLINE_EXCEEDED", seen with two processes on a loaded
+  2-core machine). The coordination service's barrier waits as long as we choose. (The pmapped
+  `Compiled` itself cannot be called: in a multi-process run it expects global-shaped inputs.)
+  """
+  client = jax_distributed.global_state.client
+  if client is None or jax.process_count() == 1 or not jax.config.jax_compilation_cache_dir:
+    return
+  fn.lower(*args).compile()
+  client.wait_at_barrier(f'maskrcnn_jax_compiled_{name}', COMPILE_BARRIER_TIMEOUT_S * 1000)
 
 
 def _to_host(collection):
@@ -251,6 +274,10 @@ def train(config, workdir: str, evaluate_every: bool = False) -> TrainResult:
           experiment.build_train_iterator(config, per_host, start, source=train_source),
           step_lib.TRAIN_KEYS,
           exp.devices)
+    if batches is not None and jax.process_count() > 1:
+      first = next(batches)
+      batches = itertools.chain([first], batches)
+      _compile_on_every_process(exp.train_step, (state, first), 'train_step')
     collection = scalars = None
     last_time, last_step = time.time(), start
     try:
