@@ -129,11 +129,15 @@ def _compile_on_every_process(fn: Callable, args: tuple, name: str) -> None:
   2-core machine). The coordination service's barrier waits as long as we choose. (The pmapped
   `Compiled` itself cannot be called: in a multi-process run it expects global-shaped inputs.)
   """
-  client = jax_distributed.global_state.client
-  if client is None or jax.process_count() == 1 or not jax.config.jax_compilation_cache_dir:
-    return
   fn.lower(*args).compile()
-  client.wait_at_barrier(f'maskrcnn_jax_compiled_{name}', COMPILE_BARRIER_TIMEOUT_S * 1000)
+  jax_distributed.global_state.client.wait_at_barrier(f'maskrcnn_jax_compiled_{name}',
+                                                      COMPILE_BARRIER_TIMEOUT_S * 1000)
+
+
+def _compile_barrier_applies() -> bool:
+  """Whether `_compile_on_every_process` runs: several processes and a compilation cache."""
+  return (jax.process_count() > 1 and jax_distributed.global_state.client is not None
+          and bool(jax.config.jax_compilation_cache_dir))
 
 
 def _to_host(collection):
@@ -274,7 +278,7 @@ def train(config, workdir: str, evaluate_every: bool = False) -> TrainResult:
           experiment.build_train_iterator(config, per_host, start, source=train_source),
           step_lib.TRAIN_KEYS,
           exp.devices)
-    if batches is not None and jax.process_count() > 1:
+    if batches is not None and _compile_barrier_applies():
       first = next(batches)
       batches = itertools.chain([first], batches)
       _compile_on_every_process(exp.train_step, (state, first), 'train_step')
