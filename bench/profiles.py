@@ -66,7 +66,7 @@ def stage_breakdown(config, *, train: bool = True, repeats: int = 3, seed: int =
   parts do not add up exactly (the derived entries absorb the difference).
   """
   cfg = config
-  model = experiment.build_model(cfg)
+  model = experiment.build_model(cfg, inference=not train)
   dtype = modeling.DTYPES[cfg.model.precision]
   h, w = cfg.data.image_size
   b = int((cfg.train if train else cfg.eval).per_device_batch_size)

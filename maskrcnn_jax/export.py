@@ -138,6 +138,7 @@ def describe(predictor: inference.Predictor, exported: jax.export.Exported,
                         'formula': '(images / 255 - pixel_mean) / pixel_std inside image_sizes, '
                                    '0 outside'},
       'precision': str(config.model.precision),
+      'inference_products': str(config.model.inference_products),
       'classes': classes,
       'categories': [{'id': k, 'name': v} for k, v in sorted(predictor.category_names.items())],
       'source': dict(source or {}),

@@ -242,7 +242,7 @@ class Predictor(CanvasPredictor):
          {k: k for k in range(int(config.model.num_classes))}),
         {int(c['id']): str(c.get('name', c['id'])) for c in (metadata or {}).get('categories', [])})
     self.config = config
-    self.model = experiment.build_model(config)
+    self.model = experiment.build_model(config, inference=True)
     self.variables = jax.device_put(dict(variables))
     # (variables, {'images', 'image_sizes'}) -> detections; `maskrcnn_jax.export` exports it.
     self.infer_step = step_lib.make_infer_step(

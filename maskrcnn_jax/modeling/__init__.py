@@ -1,7 +1,7 @@
 """Flax modules of Mask R-CNN and the one function that builds the model from its config.
 
 Public API:
-  build_model(model_config) -> MaskRCNN   (the only reader of ``config.model``)
+  build_model(model_config, inference=False) -> MaskRCNN   (the only reader of ``config.model``)
   init_variables(model, key, image_size) -> {'params', 'batch_stats'}
   normalize_images(images_uint8, image_sizes, mean, std) -> normalised float images
   frozen_param_mask(params, freeze_at)    (optimizer mask of the frozen backbone stages)
@@ -30,9 +30,13 @@ __all__ = ['COUNTER_KEYS', 'DTYPES', 'LOSS_KEYS', 'MaskRCNN', 'ResNet', 'anchor_
            'resolve_kernel_grad', 'resolve_mask_train_slots']
 
 
-def build_model(model_config) -> MaskRCNN:
+def build_model(model_config, inference: bool = False) -> MaskRCNN:
   """The Mask R-CNN module of ``config.model`` (see configs/coco_r50.py); `ConfigError` names
-  the key at fault."""
+  the key at fault.
+
+  ``inference``: the module the inference step runs, with ``model.inference_products``; the
+  parameters are the same as the training module's (the products change no parameter).
+  """
   s = ModelSettings.from_config(model_config)
   return MaskRCNN(
       num_classes=s.num_classes,
@@ -41,7 +45,8 @@ def build_model(model_config) -> MaskRCNN:
       anchors=s.anchors, rpn=s.rpn, roi=s.roi,
       mask=dataclasses.replace(s.mask, train_slots=resolve_mask_train_slots(s.mask.train_slots)),
       test=s.test,
-      dtype=DTYPES[s.precision], conv_kernel_grad=resolve_kernel_grad(s.conv_kernel_grad))
+      dtype=DTYPES[s.precision], conv_kernel_grad=resolve_kernel_grad(s.conv_kernel_grad),
+      products=s.inference_products if inference else 'float32')
 
 
 def resolve_kernel_grad(choice: str) -> str:

@@ -29,6 +29,7 @@ class FPN(nn.Module):
     channels: output channels of every level (256).
     dtype: compute dtype; parameters are float32.
     conv_kernel_grad: 'xla' or 'matmul' (:mod:`maskrcnn_jax.ops.conv`).
+    products: 'float32' or 'bfloat16' (:class:`maskrcnn_jax.modeling.layers.Conv`).
   """
   min_level: int = 2
   max_level: int = 6
@@ -36,6 +37,7 @@ class FPN(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   conv_kernel_grad: str = 'xla'
+  products: str = 'float32'
 
   @nn.compact
   def __call__(self, features: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
@@ -48,7 +50,7 @@ class FPN(nn.Module):
     previous = None
     for level in range(top, self.min_level - 1, -1):
       lateral = conv(self.channels, 1, use_bias=True, dtype=self.dtype, kernel_init=init,
-                     kernel_grad=self.conv_kernel_grad,
+                     kernel_grad=self.conv_kernel_grad, products=self.products,
                      name=f'lateral_p{level}')(features[f'c{level}'])
       if previous is not None:
         lateral = lateral + upsample_nearest(previous, lateral.shape[1:3])
@@ -57,7 +59,7 @@ class FPN(nn.Module):
     for level in range(self.min_level, top + 1):
       outputs[f'p{level}'] = conv(self.channels, 3, use_bias=True, dtype=self.dtype,
                                   kernel_init=init, kernel_grad=self.conv_kernel_grad,
-                                  name=f'output_p{level}')(merged[level])
+                                  products=self.products, name=f'output_p{level}')(merged[level])
     for level in range(top + 1, self.max_level + 1):
       outputs[f'p{level}'] = outputs[f'p{level - 1}'][:, ::2, ::2]
     return outputs

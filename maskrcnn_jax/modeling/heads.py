@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
-from maskrcnn_jax.modeling.layers import MSRA_FILL, Deconv2x2, conv
+from maskrcnn_jax.modeling.layers import MSRA_FILL, Deconv2x2, Dense, conv
 
 Dtype = Any
 
@@ -27,12 +27,14 @@ class RPNHead(nn.Module):
     channels: channels of the shared conv (= the FPN's).
     dtype: compute dtype; parameters are float32.
     conv_kernel_grad: 'xla' or 'matmul' (:mod:`maskrcnn_jax.ops.conv`).
+    products: 'float32' or 'bfloat16' (:class:`maskrcnn_jax.modeling.layers.Conv`).
   """
   num_anchors: int
   channels: int = 256
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   conv_kernel_grad: str = 'xla'
+  products: str = 'float32'
 
   @nn.compact
   def __call__(self, features: Mapping[str, jnp.ndarray]):
@@ -45,7 +47,7 @@ class RPNHead(nn.Module):
     """
     init = nn.initializers.normal(0.01)  # torchvision and the reference
     layer = functools.partial(conv, use_bias=True, dtype=self.dtype, kernel_init=init,
-                              kernel_grad=self.conv_kernel_grad)
+                              kernel_grad=self.conv_kernel_grad, products=self.products)
     shared = layer(self.channels, 3, name='conv')
     objectness = layer(self.num_anchors, 1, name='objectness')
     box_deltas = layer(4 * self.num_anchors, 1, name='deltas')
@@ -68,11 +70,13 @@ class BoxHead(nn.Module):
   Attributes:
     num_classes: K, background included.
     mlp_dim: width of ``fc6`` and ``fc7`` (1024).
+    products: 'float32' or 'bfloat16' (:class:`maskrcnn_jax.modeling.layers.Conv`).
   """
   num_classes: int
   mlp_dim: int = 1024
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  products: str = 'float32'
 
   @nn.compact
   def __call__(self, roi_features):
@@ -85,8 +89,9 @@ class BoxHead(nn.Module):
     b, r = roi_features.shape[:2]
     # Flattened (S, S, C)-major: the weight importer permutes torchvision's (C, S, S) rows.
     x = roi_features.reshape(b, r, -1).astype(self.dtype)
-    dense = lambda n, name, init=nn.initializers.lecun_normal(): nn.Dense(
-        n, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init, name=name)
+    dense = lambda n, name, init=nn.initializers.lecun_normal(): Dense(
+        n, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init,
+        products=self.products, name=name)
     x = nn.relu(dense(self.mlp_dim, 'fc6')(x))
     x = nn.relu(dense(self.mlp_dim, 'fc7')(x))
     logits = dense(self.num_classes, 'class_logits', nn.initializers.normal(0.01))(x)
@@ -117,6 +122,7 @@ class MaskHead(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   conv_kernel_grad: str = 'xla'
+  products: str = 'float32'
 
   @nn.compact
   def __call__(self, roi_features):
@@ -125,11 +131,12 @@ class MaskHead(nn.Module):
     x = roi_features.reshape((b * r,) + roi_features.shape[2:]).astype(self.dtype)
     for i in range(self.num_convs):
       x = nn.relu(conv(self.conv_dim, 3, use_bias=True, dtype=self.dtype,
-                       kernel_grad=self.conv_kernel_grad,
+                       kernel_grad=self.conv_kernel_grad, products=self.products,
                        name=f'mask_fcn{i + 1}')(x))
-    x = nn.relu(Deconv2x2(self.conv_dim, dtype=self.dtype, name='deconv')(x))
+    x = nn.relu(Deconv2x2(self.conv_dim, dtype=self.dtype, products=self.products,
+                          name='deconv')(x))
     init = (nn.initializers.normal(self.predictor_init_std) if self.predictor_init_std > 0
             else MSRA_FILL)
     x = conv(self.num_classes, 1, use_bias=True, dtype=self.dtype, kernel_init=init,
-             kernel_grad=self.conv_kernel_grad, name='mask_logits')(x)
+             kernel_grad=self.conv_kernel_grad, products=self.products, name='mask_logits')(x)
     return x.astype(jnp.float32).reshape(b, r, 2 * s, 2 * s, self.num_classes)

@@ -19,8 +19,14 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
-from maskrcnn_jax.ops.conv import conv2d
+from maskrcnn_jax.ops.conv import conv2d, conv2d_products
+from maskrcnn_jax.settings import PRODUCTS
+
+# The smallest input depth whose convolution `Conv` computes as bfloat16 products: the stem's
+# 3 channels would give products with K = 3, far from the bfloat16 units' speed.
+MIN_PRODUCT_CHANNELS = 16
 
 Dtype = Any
 
@@ -87,6 +93,11 @@ class Conv(nn.Module):
     use_bias: add a bias (zero init).
     dtype: compute dtype; inputs and parameters are cast to it.
     kernel_grad: 'xla' or 'matmul' (see :mod:`maskrcnn_jax.ops.conv`).
+    products: 'float32' (the convolution in ``dtype``) or 'bfloat16': operands rounded to
+      bfloat16, products accumulated in float32, one matrix product per kernel tap
+      (:func:`maskrcnn_jax.ops.conv.conv2d_products`, the CPU's fast path; forward only, for
+      inference: ``config.model.inference_products``). Inputs with fewer than
+      ``MIN_PRODUCT_CHANNELS`` channels (the stem) keep the convolution.
   """
   features: int
   kernel_size: tuple[int, int]
@@ -97,14 +108,18 @@ class Conv(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernel_init: Any = MSRA_FILL
   kernel_grad: str = 'xla'
+  products: str = 'float32'
 
   @nn.compact
   def __call__(self, x):
     """x: (B, H, W, C_in) -> (B, Ho, Wo, features) in ``dtype``."""
     kernel = self.param('kernel', self.kernel_init,
                         tuple(self.kernel_size) + (x.shape[-1], self.features), self.param_dtype)
-    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding,
-               self.kernel_grad)
+    if _bfloat16_products(self.products) and x.shape[-1] >= MIN_PRODUCT_CHANNELS:
+      y = conv2d_products(x, kernel, self.strides, self.padding).astype(self.dtype)
+    else:
+      y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding,
+                 self.kernel_grad)
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
@@ -113,16 +128,50 @@ class Conv(nn.Module):
 
 def conv(features: int, kernel: int, stride: int = 1, use_bias: bool = False,
          dtype: Dtype = jnp.float32, name: str | None = None,
-         kernel_init=MSRA_FILL, kernel_grad: str = 'xla') -> Conv:
+         kernel_init=MSRA_FILL, kernel_grad: str = 'xla', products: str = 'float32') -> Conv:
   """A k x k convolution with torchvision's symmetric padding ``k // 2`` on every side.
 
   Kernel (k, k, C_in, features) float32; default init He-normal (fan-out), as torchvision's
-  ResNet; ``kernel_grad`` the kernel-gradient algorithm (:mod:`maskrcnn_jax.ops.conv`).
+  ResNet; ``kernel_grad`` the kernel-gradient algorithm (:mod:`maskrcnn_jax.ops.conv`),
+  ``products`` the forward's products (`Conv`).
   """
   pad = kernel // 2
   return Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
               use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
-              kernel_grad=kernel_grad, name=name)
+              kernel_grad=kernel_grad, products=products, name=name)
+
+
+def _bfloat16_products(products: str) -> bool:
+  if products not in PRODUCTS:
+    raise ValueError(f'products must be one of {PRODUCTS}, got {products!r}')
+  return products == 'bfloat16'
+
+
+def dot(x: jnp.ndarray, y: jnp.ndarray, products: str, dtype: Dtype) -> jnp.ndarray:
+  """The matrix product x @ y (x: (..., K), y: (K, N)) in ``dtype``, or with 'bfloat16'
+  ``products`` of bfloat16 operands accumulated in float32 (see `Conv`), cast to ``dtype``."""
+  if _bfloat16_products(products):
+    return lax.dot_general(x.astype(jnp.bfloat16), y.astype(jnp.bfloat16),
+                           (((x.ndim - 1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32).astype(dtype)
+  return jnp.dot(x.astype(dtype), y.astype(dtype))
+
+
+class Dense(nn.Module):
+  """``flax.linen.Dense`` (the same ``kernel`` (C_in, features) and ``bias`` parameters) whose
+  product can be bfloat16 operands with float32 accumulation (``products``, see `Conv`)."""
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  products: str = 'float32'
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
+    return dot(x, kernel, self.products, self.dtype) + bias.astype(self.dtype)
 
 
 class Deconv2x2(nn.Module):
@@ -135,11 +184,13 @@ class Deconv2x2(nn.Module):
 
   Attributes:
     features: output channels.
+    products: 'float32' or 'bfloat16' (see `Conv`).
   """
   features: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Any = MSRA_FILL
+  products: str = 'float32'
 
   @nn.compact
   def __call__(self, x):
@@ -150,8 +201,8 @@ class Deconv2x2(nn.Module):
     # One (B*H*W, C) x (C, 2*2*features) product, then whole feature rows moved into place:
     # the same sums as einsum('bhwc,ijco->bhiwjo'), for which XLA:CPU chose the transposed
     # product and an element-wise transpose of the output (0.67 s of a 832x1344 CPU step).
-    flat = kernel.astype(self.dtype).transpose(2, 0, 1, 3).reshape(c, 4 * self.features)
-    y = jnp.dot(x.astype(self.dtype).reshape(b * h * w, c), flat)
+    flat = kernel.transpose(2, 0, 1, 3).reshape(c, 4 * self.features)
+    y = dot(x.reshape(b * h * w, c), flat, self.products, self.dtype)
     y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
     y = y.reshape(b, 2 * h, 2 * w, self.features)
     return y + bias.astype(self.dtype)

@@ -119,6 +119,9 @@ class MaskRCNN(nn.Module):
     dtype: compute dtype; parameters float32; box arithmetic and losses float32.
     conv_kernel_grad: the convolutions' kernel-gradient algorithm, 'xla' or 'matmul'
       (:mod:`maskrcnn_jax.ops.conv`; ``build_model`` resolves the config's 'auto').
+    products: the products of the convolutions and dense layers, 'float32' or 'bfloat16'
+      (forward only: :class:`maskrcnn_jax.modeling.layers.Conv`; ``build_model(...,
+      inference=True)`` sets ``config.model.inference_products``).
   """
   num_classes: int
   backbone_cls: Callable[..., nn.Module]
@@ -133,18 +136,21 @@ class MaskRCNN(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   conv_kernel_grad: str = 'xla'
+  products: str = 'float32'
 
   def setup(self):
-    grad = self.conv_kernel_grad
-    self.backbone = self.backbone_cls(dtype=self.dtype, conv_kernel_grad=grad)
+    grad, products = self.conv_kernel_grad, self.products
+    self.backbone = self.backbone_cls(dtype=self.dtype, conv_kernel_grad=grad,
+                                      products=products)
     self.fpn = FPN(min_level=self.min_level, max_level=self.max_level,
-                   channels=self.fpn_channels, dtype=self.dtype, conv_kernel_grad=grad)
+                   channels=self.fpn_channels, dtype=self.dtype, conv_kernel_grad=grad,
+                   products=products)
     num_anchors = anchor_ops.num_anchors_per_location(
         anchor_shapes(self.anchors, self.min_level, self.max_level))
     self.rpn_head = RPNHead(num_anchors=num_anchors, channels=self.fpn_channels,
-                            dtype=self.dtype, conv_kernel_grad=grad)
+                            dtype=self.dtype, conv_kernel_grad=grad, products=products)
     self.box_head = BoxHead(num_classes=self.num_classes, mlp_dim=self.roi.mlp_head_dim,
-                            dtype=self.dtype)
+                            dtype=self.dtype, products=products)
     # Bucketed: the head's activations are recomputed in the backward pass (nn.remat), so that
     # each branch of the conditional keeps only its inputs; otherwise the forward conditional
     # returns every branch's activations, zero-filled for the branches not taken.
@@ -152,7 +158,7 @@ class MaskRCNN(nn.Module):
     self.mask_head = mask_head_cls(num_classes=self.num_classes, num_convs=self.mask.num_convs,
                               conv_dim=self.mask.conv_dim,
                               predictor_init_std=self.mask.predictor_init_std, dtype=self.dtype,
-                              conv_kernel_grad=grad)
+                              conv_kernel_grad=grad, products=products)
 
   # ------------------------------------------------------------------ pieces
   def features(self, images, train: bool = False) -> dict[str, jnp.ndarray]:

@@ -15,6 +15,7 @@ trainable parameter are unchanged and the frozen stages' backward pass is skippe
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -76,6 +77,12 @@ def frozen_param_mask(params: Mapping[str, Any], freeze_at: int,
           for k, v in params.items()}
 
 
+def _conv_of(block: nn.Module):
+  """`conv` with a block's compute dtype and convolution algorithms bound."""
+  return functools.partial(conv, dtype=block.dtype, kernel_grad=block.conv_kernel_grad,
+                           products=block.products)
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions with a residual (ResNet-18/34). Input/output NHWC.
 
@@ -92,21 +99,18 @@ class BasicBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   conv_kernel_grad: str = 'xla'
+  products: str = 'float32'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     bn = lambda name: batch_norm(name, self.frozen_bn, train, self.bn_epsilon, self.dtype,
                                  self.bn_momentum)
-    y = conv(self.width, 3, self.stride, dtype=self.dtype, kernel_grad=self.conv_kernel_grad,
-             name='conv1')(x)
-    y = nn.relu(bn('bn1')(y))
-    y = conv(self.width, 3, 1, dtype=self.dtype, kernel_grad=self.conv_kernel_grad,
-             name='conv2')(y)
-    y = bn('bn2')(y)
+    layer = _conv_of(self)
+    y = nn.relu(bn('bn1')(layer(self.width, 3, self.stride, name='conv1')(x)))
+    y = bn('bn2')(layer(self.width, 3, 1, name='conv2')(y))
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.width:
-      shortcut = conv(self.width, 1, self.stride, dtype=self.dtype,
-                      kernel_grad=self.conv_kernel_grad, name='downsample_conv')(x)
+      shortcut = layer(self.width, 1, self.stride, name='downsample_conv')(x)
       shortcut = bn('downsample_bn')(shortcut)
     return nn.relu(y + shortcut)
 
@@ -126,25 +130,20 @@ class Bottleneck(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   conv_kernel_grad: str = 'xla'
+  products: str = 'float32'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     bn = lambda name: batch_norm(name, self.frozen_bn, train, self.bn_epsilon, self.dtype,
                                  self.bn_momentum)
     out = 4 * self.width
-    y = conv(self.width, 1, dtype=self.dtype, kernel_grad=self.conv_kernel_grad,
-             name='conv1')(x)
-    y = nn.relu(bn('bn1')(y))
-    y = conv(self.width, 3, self.stride, dtype=self.dtype, kernel_grad=self.conv_kernel_grad,
-             name='conv2')(y)
-    y = nn.relu(bn('bn2')(y))
-    y = conv(out, 1, dtype=self.dtype, kernel_grad=self.conv_kernel_grad,
-             name='conv3')(y)
-    y = bn('bn3')(y)
+    layer = _conv_of(self)
+    y = nn.relu(bn('bn1')(layer(self.width, 1, name='conv1')(x)))
+    y = nn.relu(bn('bn2')(layer(self.width, 3, self.stride, name='conv2')(y)))
+    y = bn('bn3')(layer(out, 1, name='conv3')(y))
     shortcut = x
     if self.stride != 1 or x.shape[-1] != out:
-      shortcut = conv(out, 1, self.stride, dtype=self.dtype,
-                      kernel_grad=self.conv_kernel_grad, name='downsample_conv')(x)
+      shortcut = layer(out, 1, self.stride, name='downsample_conv')(x)
       shortcut = bn('downsample_bn')(shortcut)
     return nn.relu(y + shortcut)
 
@@ -168,6 +167,7 @@ class ResNetStage(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   conv_kernel_grad: str = 'xla'
+  products: str = 'float32'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -176,7 +176,8 @@ class ResNetStage(nn.Module):
       x = self.block_cls(width=self.width, stride=self.stride if j == 0 else 1,
                          frozen_bn=self.frozen_bn, bn_epsilon=self.bn_epsilon,
                          bn_momentum=self.bn_momentum, dtype=self.dtype,
-                         conv_kernel_grad=self.conv_kernel_grad, name=f'block{j}')(x, train)
+                         conv_kernel_grad=self.conv_kernel_grad, products=self.products,
+                         name=f'block{j}')(x, train)
     return x
 
 
@@ -199,6 +200,8 @@ class ResNet(nn.Module):
     dtype: compute dtype; parameters are float32.
     conv_kernel_grad: the convolutions' kernel-gradient algorithm ('xla' or 'matmul',
       :mod:`maskrcnn_jax.ops.conv`).
+    products: the convolutions' products, 'float32' or 'bfloat16' (forward only,
+      :class:`maskrcnn_jax.modeling.layers.Conv`).
   """
   depth: int = 50
   freeze_at: int = 0
@@ -209,6 +212,7 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   conv_kernel_grad: str = 'xla'
+  products: str = 'float32'
 
   @nn.compact
   def __call__(self, x, train: bool = False) -> dict[str, jnp.ndarray]:
@@ -220,8 +224,7 @@ class ResNet(nn.Module):
     kind, blocks = RESNET_SPECS[self.depth]
     block_cls = Bottleneck if kind == 'bottleneck' else BasicBlock
     x = x.astype(self.dtype)
-    x = conv(64, 7, 2, dtype=self.dtype, kernel_grad=self.conv_kernel_grad,
-             name='conv1')(x)
+    x = _conv_of(self)(64, 7, 2, name='conv1')(x)
     frozen_bn = not self.finetune_bn
     stop_at = self.freeze_at if self.stop_frozen_gradients else 0
     x = batch_norm('bn1', frozen_bn, train and self.freeze_at < 1, self.bn_epsilon,
@@ -237,6 +240,7 @@ class ResNet(nn.Module):
                       stride=2 if i > 0 else 1, frozen_bn=frozen_bn,
                       bn_epsilon=self.bn_epsilon, bn_momentum=self.bn_momentum,
                       dtype=self.dtype, conv_kernel_grad=self.conv_kernel_grad,
+                      products=self.products,
                       name=f'layer{i + 1}')(x, train and self.freeze_at < i + 2)
       if stop_at == i + 2:
         x = jax.lax.stop_gradient(x)

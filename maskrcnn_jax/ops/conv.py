@@ -93,6 +93,49 @@ def _backward(stride, padding, residuals, g):
 _conv_matmul_grad.defvjp(_forward, _backward)
 
 
+def conv2d_products(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: Padding,
+                    dtype=jnp.bfloat16) -> jnp.ndarray:
+  """The convolution of `conv2d` as one matrix product per kernel tap, operands in `dtype`,
+  accumulated and returned in float32 (a forward-only inference path, see below).
+
+  Why: XLA:CPU runs a matrix product of bfloat16 operands with float32 accumulation
+  (``preferred_element_type``) on the CPU's bfloat16 units (AMX, AVX512-BF16), 2-3x its
+  float32 speed, but its own bfloat16 convolution no faster than float32
+  (docs/performance.md, bench/bf16_products.py).
+
+  How: the padded input is split into its ``stride x stride`` phases, each flattened to
+  (N * Hq * Wq, C_in) rows; tap (i, j) reads phase (i % s, j % s) at the row offset
+  ``(i // s) * Wq + j // s``, so output row r of the (N, Hq, Wq) grid is the sum over taps of
+  ``rows[r + offset] @ kernel[i, j]``; the (Ho, Wo) corner of that grid is the convolution (a
+  shifted row that runs past an image row lands on a grid position that is cropped). A 1x1
+  kernel is a single product; the work is Hq * Wq / (Ho * Wo) times the exact one (1.31 for the
+  mask head's 14 x 14 RoIs, 1.02 for P2 of a 832x1344 canvas).
+  """
+  kh, kw, c_in, c_out = kernel.shape
+  s = stride
+  n = x.shape[0]
+  (pt, pb), (pl, pr) = padding
+  ho = (x.shape[1] + pt + pb - kh) // s + 1
+  wo = (x.shape[2] + pl + pr - kw) // s + 1
+  hq, wq = ho + (kh - 1) // s, wo + (kw - 1) // s
+  x = jnp.pad(x.astype(dtype), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  x = _fit(_fit(x, 1, s * hq), 2, s * wq)
+  grid = x.reshape(n, hq, s, wq, s, c_in)
+  rows = n * hq * wq
+  max_offset = ((kh - 1) // s) * wq + (kw - 1) // s
+  phases = {(a, b): jnp.pad(grid[:, :, a, :, b].reshape(rows, c_in), ((0, max_offset), (0, 0)))
+            for a in range(min(s, kh)) for b in range(min(s, kw))}
+  kernel = kernel.astype(dtype)
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      offset = (i // s) * wq + j // s
+      tap = lax.dot(lax.slice_in_dim(phases[i % s, j % s], offset, offset + rows), kernel[i, j],
+                    preferred_element_type=jnp.float32)
+      y = tap if y is None else y + tap
+  return y.reshape(n, hq, wq, c_out)[:, :ho, :wo]
+
+
 def kernel_gradient(x: jnp.ndarray, g: jnp.ndarray, kernel_size: Sequence[int], stride: int,
                     padding: Padding) -> jnp.ndarray:
   """d(sum(g * conv(x, W))) / dW as (kh, kw, C_in, C_out) float32, by matrix products (see the

@@ -30,9 +30,10 @@ from maskrcnn_jax.train import state as state_lib
 from maskrcnn_jax.train import step as step_lib
 
 
-def build_model(config) -> modeling.MaskRCNN:
-  """The Mask R-CNN module of config.model."""
-  return modeling.build_model(config.model)
+def build_model(config, inference: bool = False) -> modeling.MaskRCNN:
+  """The Mask R-CNN module of config.model (``inference``: the inference step's, with
+  model.inference_products)."""
+  return modeling.build_model(config.model, inference)
 
 
 def build_frozen_mask(config, params) -> Any:
@@ -210,7 +211,7 @@ def build_experiment(config, devices: Sequence[Any] | None = None) -> Experiment
       l2_weight_decay=float(config.train.l2_weight_decay),
       trainable_mask=jax.tree_util.tree_map(lambda f: not f, frozen_mask),
       loss_normalization=build_loss_normalization(config))
-  infer_fn = step_lib.make_infer_step(model, mean, std, dtype)
+  infer_fn = step_lib.make_infer_step(build_model(config, inference=True), mean, std, dtype)
   return Experiment(
       config=config, model=model, devices=devices, tx=tx, schedule=schedule,
       loss_scale=loss_scale, frozen_mask=frozen_mask, abstract_variables=abstract_variables,

@@ -30,7 +30,7 @@ SAFE_KEYS = (
     'train.total_steps', 'train.log_every_steps', 'train.checkpoint_every_steps',
     'train.max_checkpoints_to_keep', 'train.allow_config_changes',
     'data.tfds_data_dir', 'data.num_workers', 'data.prefetch_batches', 'data.eval_split',
-    'model.test.', 'model.rpn.test_',
+    'model.test.', 'model.rpn.test_', 'model.inference_products',
     # The same numbers computed another way (equal gradients, tested): speed choices.
     'model.conv_kernel_grad', 'model.mask.train_slots',
 )

@@ -1,5 +1,6 @@
 """The matmul gradients of maskrcnn_jax.ops.conv (kernel gradients; input gradients as forward
-convolutions, per phase when strided) against XLA's and NumPy loops."""
+convolutions, per phase when strided) against XLA's and NumPy loops; the bfloat16 products of the
+inference path (`conv2d_products`, `layers.Dense`) against a NumPy loop and flax."""
 
 import pathlib
 import re
@@ -44,6 +45,22 @@ def _numpy_input_gradient(g, kernel, x_shape, stride, padding):
           dx[:, stride * y + i, stride * x + j] += (g[:, y, x].astype(np.float64)
                                                     @ kernel[i, j].T.astype(np.float64))
   return dx[:, top:top + h, left:left + w]
+
+
+def _numpy_conv(x, kernel, stride, padding):
+  """y[n, h, w] = sum over i, j of xpad[n, s*h + i, s*w + j] @ kernel[i, j], in float64."""
+  (top, bottom), (left, right) = padding
+  xp = np.pad(x.astype(np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+  k = kernel.shape[0]
+  ho = (xp.shape[1] - k) // stride + 1
+  wo = (xp.shape[2] - k) // stride + 1
+  y = np.zeros((x.shape[0], ho, wo, kernel.shape[-1]))
+  for i in range(k):
+    for j in range(k):
+      for h in range(ho):
+        for w in range(wo):
+          y[:, h, w] += xp[:, stride * h + i, stride * w + j] @ kernel[i, j].astype(np.float64)
+  return y
 
 
 def _gradients(kind, x, kernel, stride, padding, target):
@@ -93,6 +110,75 @@ def test_matmul_gradients_equal_xla_and_a_numpy_loop(k, stride, padding, shape):
   reference = _numpy_kernel_gradient(x, target, k, stride, padding)
   np.testing.assert_allclose(dw, reference, rtol=0, atol=1e-5 * scale)
   np.testing.assert_allclose(dw_xla, reference, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize('k,stride,padding,shape', CASES)
+def test_bfloat16_products_equal_a_numpy_loop_of_the_rounded_operands(k, stride, padding, shape):
+  """conv2d_products rounds x and the kernel to bfloat16 and sums their products in float32:
+  the float64 convolution of the rounded operands up to float32 summation, every position
+  (shifted rows that run past an image row must not leak into the kept outputs)."""
+  n, h, w = shape
+  rng = np.random.default_rng(k * 10 + stride + 1)
+  x = rng.standard_normal((n, h, w, 5)).astype(np.float32)
+  kernel = rng.standard_normal((k, k, 5, 4)).astype(np.float32)
+  y = conv_ops.conv2d_products(x, kernel, stride, padding)
+  rounded = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32)
+  reference = _numpy_conv(rounded(x), rounded(kernel), stride, padding)
+  assert y.dtype == jnp.float32 and y.shape == reference.shape
+  np.testing.assert_allclose(y, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+  # ... and within bfloat16 rounding of the float32 convolution.
+  exact = _numpy_conv(x, kernel, stride, padding)
+  np.testing.assert_allclose(y, exact, rtol=0, atol=2e-2 * np.abs(exact).max())
+
+
+def test_dense_has_flax_denses_parameters_and_outputs():
+  """layers.Dense replaced flax.linen.Dense in the box head: the same parameters from the same
+  key and the same float32 outputs; 'bfloat16' products are the rounded operands' product."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((2, 3, 40)), jnp.float32)
+  ours, theirs = layers.Dense(7), nn.Dense(7)
+  v_ours, v_flax = ours.init(jax.random.key(4), x), theirs.init(jax.random.key(4), x)
+  assert jax.tree.structure(v_ours) == jax.tree.structure(v_flax)
+  jax.tree.map(np.testing.assert_array_equal, v_ours, v_flax)
+  v_flax['params']['bias'] = jnp.arange(7.0)
+  np.testing.assert_array_equal(ours.apply(v_flax, x), theirs.apply(v_flax, x))
+  y = layers.Dense(7, products='bfloat16').apply(v_flax, x)
+  rounded = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
+  reference = rounded(x) @ rounded(v_flax['params']['kernel']) + np.arange(7.0)
+  np.testing.assert_allclose(y, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+  with pytest.raises(ValueError, match='products'):
+    layers.Dense(7, products='int8').apply(v_flax, x)
+
+
+def test_inference_products_reach_every_conv_but_the_stem_and_leave_training_alone(monkeypatch):
+  """build_model(inference=True) with model.inference_products='bfloat16': every convolution
+  with >= MIN_PRODUCT_CHANNELS input channels runs conv2d_products, the others (the stem) and
+  every convolution of the training model keep conv2d; the parameter trees are the same."""
+  config = load_config(REPO / 'configs' / 'tiny.py')
+  assert config.model.inference_products == 'float32'
+  config.model.inference_products = 'bfloat16'
+  calls = []
+  for name in ('conv2d', 'conv2d_products'):
+    original = getattr(layers, name)
+    spy = lambda *a, _name=name, _f=original, **kw: calls.append((_name, a[0].shape[-1])) or _f(
+        *a, **kw)
+    monkeypatch.setattr(layers, name, spy)
+  size = tuple(config.data.image_size)
+  trees = {}
+  for inference in (False, True):
+    model = build_model(config.model, inference=inference)
+    calls.clear()
+    trees[inference] = jax.eval_shape(lambda key, m=model: init_variables(m, key, size),
+                                      jax.random.key(0))
+    kinds = {kind for kind, _ in calls}
+    if inference:
+      assert all((kind == 'conv2d_products') == (c >= layers.MIN_PRODUCT_CHANNELS)
+                 for kind, c in calls), calls
+      assert kinds == {'conv2d', 'conv2d_products'}
+    else:
+      assert kinds == {'conv2d'}
+  assert jax.tree.structure(trees[False]) == jax.tree.structure(trees[True])
+  jax.tree.map(lambda a, b: a.shape == b.shape or pytest.fail('shapes'), trees[False], trees[True])
 
 
 def test_matmul_gradients_in_a_conditional_branch_are_forward_order_convolutions():
