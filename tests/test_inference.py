@@ -117,6 +117,20 @@ def test_score_threshold_and_input_kinds(workdir):
     predictor.predict(array.astype(np.float32))
 
 
+def test_bfloat16_inference_products_reach_the_predictor(workdir):
+  """model.inference_products='bfloat16' builds the predictor's model with bfloat16 products
+  (tests/ops/test_conv.py checks their numbers); the same parameters go into it and it
+  predicts."""
+  path, config, _, variables = workdir
+  assert inference.Predictor(config, variables).model.products == 'float32'
+  bf16 = config.copy_and_resolve_references()
+  bf16.model.inference_products = 'bfloat16'
+  predictor = inference.Predictor(bf16, variables)
+  assert predictor.model.products == 'bfloat16'
+  [record] = predictor.predict(sorted(IMAGES.iterdir())[0], score_threshold=0.0)
+  assert len(record['scores']) > 0 and np.all(np.isfinite(record['boxes']))
+
+
 def test_recorded_config_fills_keys_added_since(workdir, tmp_path, caplog):
   path = workdir[0]
   recorded = json.load(open(os.path.join(path, 'config.json')))

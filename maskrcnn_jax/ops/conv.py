@@ -94,22 +94,25 @@ _conv_matmul_grad.defvjp(_forward, _backward)
 
 
 def conv2d_products(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: Padding,
-                    dtype=jnp.bfloat16) -> jnp.ndarray:
+                    dtype=jnp.bfloat16, block_rows: int = 512) -> jnp.ndarray:
   """The convolution of `conv2d` as one matrix product per kernel tap, operands in `dtype`,
   accumulated and returned in float32 (a forward-only inference path, see below).
 
   Why: XLA:CPU runs a matrix product of bfloat16 operands with float32 accumulation
-  (``preferred_element_type``) on the CPU's bfloat16 units (AMX, AVX512-BF16), 2-3x its
-  float32 speed, but its own bfloat16 convolution no faster than float32
-  (docs/performance.md, bench/bf16_products.py).
+  (``preferred_element_type``) on the CPU's bfloat16 units (AMX, AVX512-BF16), about 2x (AMD
+  Zen 4) to 3x (Intel AMX) its float32 speed, but its own bfloat16 convolution no faster than
+  float32 (docs/performance.md, bench/bf16_products.py).
 
   How: the padded input is split into its ``stride x stride`` phases, each flattened to
   (N * Hq * Wq, C_in) rows; tap (i, j) reads phase (i % s, j % s) at the row offset
   ``(i // s) * Wq + j // s``, so output row r of the (N, Hq, Wq) grid is the sum over taps of
   ``rows[r + offset] @ kernel[i, j]``; the (Ho, Wo) corner of that grid is the convolution (a
-  shifted row that runs past an image row lands on a grid position that is cropped). A 1x1
-  kernel is a single product; the work is Hq * Wq / (Ho * Wo) times the exact one (1.31 for the
-  mask head's 14 x 14 RoIs, 1.02 for P2 of a 832x1344 canvas).
+  shifted row that runs past an image row lands on a grid position that is cropped). The work
+  is Hq * Wq / (Ho * Wo) times the exact one (1.31 for the mask head's 14 x 14 RoIs, 1.02 for
+  P2 of a 832x1344 canvas). A 1x1 kernel is a single product. Larger kernels run a loop over
+  blocks of ``block_rows`` output rows, each block's tap products summed while they are in
+  cache: summing whole-map products instead moves every tap's float32 output through memory
+  (1.3-1.6x slower at P2 of 832x1344, 2026-12-03, AMD EPYC).
   """
   kh, kw, c_in, c_out = kernel.shape
   s = stride
@@ -122,18 +125,33 @@ def conv2d_products(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: P
   x = _fit(_fit(x, 1, s * hq), 2, s * wq)
   grid = x.reshape(n, hq, s, wq, s, c_in)
   rows = n * hq * wq
-  max_offset = ((kh - 1) // s) * wq + (kw - 1) // s
-  phases = {(a, b): jnp.pad(grid[:, :, a, :, b].reshape(rows, c_in), ((0, max_offset), (0, 0)))
-            for a in range(min(s, kh)) for b in range(min(s, kw))}
   kernel = kernel.astype(dtype)
-  y = None
-  for i in range(kh):
-    for j in range(kw):
-      offset = (i // s) * wq + j // s
-      tap = lax.dot(lax.slice_in_dim(phases[i % s, j % s], offset, offset + rows), kernel[i, j],
-                    preferred_element_type=jnp.float32)
+  if kh == kw == 1:
+    y = lax.dot(grid[:, :, 0, :, 0].reshape(rows, c_in), kernel[0, 0],
+                preferred_element_type=jnp.float32)
+    return y.reshape(n, hq, wq, c_out)[:, :ho, :wo]
+  max_offset = ((kh - 1) // s) * wq + (kw - 1) // s
+  block = min(block_rows, rows)
+  num_blocks = -(-rows // block)
+  phases = {(a, b): jnp.pad(grid[:, :, a, :, b].reshape(rows, c_in),
+                            ((0, num_blocks * block - rows + max_offset), (0, 0)))
+            for a in range(min(s, kh)) for b in range(min(s, kw))}
+  taps = [(i, j, (i // s) * wq + j // s) for i in range(kh) for j in range(kw)]
+
+  def block_products(index, out):
+    start = index * block
+    windows = {key: lax.dynamic_slice_in_dim(phase, start, block + max_offset)
+               for key, phase in phases.items()}
+    y = None
+    for i, j, offset in taps:
+      tap = lax.dot(lax.slice_in_dim(windows[i % s, j % s], offset, offset + block),
+                    kernel[i, j], preferred_element_type=jnp.float32)
       y = tap if y is None else y + tap
-  return y.reshape(n, hq, wq, c_out)[:, :ho, :wo]
+    return lax.dynamic_update_slice_in_dim(out, y, start, 0)
+
+  y = lax.fori_loop(0, num_blocks, block_products,
+                    jnp.zeros((num_blocks * block, c_out), jnp.float32))
+  return y[:rows].reshape(n, hq, wq, c_out)[:, :ho, :wo]
 
 
 def kernel_gradient(x: jnp.ndarray, g: jnp.ndarray, kernel_size: Sequence[int], stride: int,

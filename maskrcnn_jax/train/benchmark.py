@@ -206,7 +206,7 @@ def _benchmark(train: bool, config, *, num_steps: int, warmup_steps: int, device
   timed = num_steps - warmup_steps
   totals = _interleaved([ours] + others, warmup_steps, timed, rounds)
   b, ips = ours.per_device_batch_size, ours.images_per_step * timed / totals[0]
-  flops = _flops(ours.compiled)
+  flops = _flops(ours.compiled if train else _float32_products_program(config, ours))
   flops = flops / b if flops else None
   peak = peak_tflops or peak_tflops_for(devices[0].device_kind, config.model.precision)
   result = {
@@ -269,6 +269,18 @@ def run_config_benchmark(config) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ the record
+def _float32_products_program(config, ours: Runner):
+  """The compiled inference step to count FLOPs on: ours, or with model.inference_products =
+  'bfloat16' the float32-products program of the same arithmetic (the bfloat16 path loops over
+  blocks of rows, whose bodies XLA's cost analysis counts once)."""
+  if config.model.inference_products == 'float32':
+    return ours.compiled
+  config = config.copy_and_resolve_references()
+  config.model.inference_products = 'float32'
+  return experiment.build_experiment(config, ours.devices).infer_step.lower(
+      ours.args, ours.batch_at(0)).compile()
+
+
 def _flops(compiled) -> float | None:
   """FLOPs of one run of the per-device program (XLA's cost analysis; a lower bound: each
   while-loop body, e.g. an NMS round, counts once)."""

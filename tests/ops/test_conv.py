@@ -116,7 +116,8 @@ def test_matmul_gradients_equal_xla_and_a_numpy_loop(k, stride, padding, shape):
 def test_bfloat16_products_equal_a_numpy_loop_of_the_rounded_operands(k, stride, padding, shape):
   """conv2d_products rounds x and the kernel to bfloat16 and sums their products in float32:
   the float64 convolution of the rounded operands up to float32 summation, every position
-  (shifted rows that run past an image row must not leak into the kept outputs)."""
+  (shifted rows that run past an image row must not leak into the kept outputs), in one block
+  of rows and in blocks of 7 rows (the last one partial)."""
   n, h, w = shape
   rng = np.random.default_rng(k * 10 + stride + 1)
   x = rng.standard_normal((n, h, w, 5)).astype(np.float32)
@@ -126,6 +127,8 @@ def test_bfloat16_products_equal_a_numpy_loop_of_the_rounded_operands(k, stride,
   reference = _numpy_conv(rounded(x), rounded(kernel), stride, padding)
   assert y.dtype == jnp.float32 and y.shape == reference.shape
   np.testing.assert_allclose(y, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+  np.testing.assert_allclose(conv_ops.conv2d_products(x, kernel, stride, padding, block_rows=7),
+                             reference, rtol=0, atol=1e-5 * np.abs(reference).max())
   # ... and within bfloat16 rounding of the float32 convolution.
   exact = _numpy_conv(x, kernel, stride, padding)
   np.testing.assert_allclose(y, exact, rtol=0, atol=2e-2 * np.abs(exact).max())
