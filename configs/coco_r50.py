@@ -55,7 +55,8 @@ def get_config(arg=None):
   # The products of the convolutions and dense layers at inference (evaluation, predict,
   # export, benchmark_inference): 'float32', or 'bfloat16' = bfloat16 operands accumulated in
   # float32, one matrix product per kernel tap (maskrcnn_jax.ops.conv.conv2d_products): the
-  # CPU's fast path (its bfloat16 units), 1.5x float32 inference; training is unchanged.
+  # CPU's fast path (its bfloat16 units): 1.3-1.7x float32 inference on 2 AMD EPYC cores, the same
+  # demo AP (docs/performance.md); training is unchanged.
   model.inference_products = 'float32'
 
   backbone = model.backbone = ml_collections.ConfigDict()

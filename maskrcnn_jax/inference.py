@@ -232,10 +232,17 @@ class Predictor(CanvasPredictor):
     metadata: optional category table: ``categories`` [{id, name}] and
       ``class_index_to_category_id`` (a dataset's metadata or a workdir's categories.json).
     batch_size: images per compiled call (batches are padded to it).
+    inference_products: replaces config.model.inference_products ('bfloat16': the CPU's fast
+      path, see configs/coco_r50.py); None keeps the config's.
   """
 
   def __init__(self, config, variables: Mapping[str, Any], *,
-               metadata: Mapping[str, Any] | None = None, batch_size: int = 1):
+               metadata: Mapping[str, Any] | None = None, batch_size: int = 1,
+               inference_products: str | None = None):
+    if inference_products is not None:  # config.model.inference_products, e.g. from a command
+      config = ml_collections.ConfigDict(config.to_dict())
+      config.model.inference_products = inference_products
+      config_lib.validate_config(config)
     super().__init__(
         config.data.image_size, batch_size,
         (coco.class_to_category_map(metadata) if metadata else

@@ -10,13 +10,17 @@ from ml_collections import config_flags
 
 
 def define_flags() -> None:
-  """Defines --workdir, --step, --torchvision and --config."""
+  """Defines --workdir, --step, --torchvision, --config and --inference_products."""
   flags.DEFINE_string('workdir', None, 'A training workdir (its recorded config and checkpoint).')
   flags.DEFINE_integer('step', None, 'Checkpoint step of --workdir (default: the latest).')
   flags.DEFINE_string('torchvision', None, 'torchvision Mask R-CNN weights '
                       '(.pth/.npz/.safetensors), with --config.')
   config_flags.DEFINE_config_file('config', None, 'Config of --torchvision (configs/*.py).',
                                   lock_config=True)
+  flags.DEFINE_enum('inference_products', None, ['float32', 'bfloat16'],
+                    "The model's products (config key model.inference_products; default: the "
+                    "config's): 'bfloat16' is the CPU's fast path, bfloat16 operands with float32 "
+                    'accumulation.')
 
 
 def check_flags(values) -> None:
@@ -30,7 +34,7 @@ def check_flags(values) -> None:
 def load_predictor(values, batch_size: int):
   """The `inference.Predictor` the flags name, with `batch_size` images per call."""
   from maskrcnn_jax import inference  # pylint: disable=import-outside-toplevel  # loads JAX
+  kwargs = dict(batch_size=batch_size, inference_products=values.inference_products)
   if values.workdir:
-    return inference.Predictor.from_workdir(values.workdir, values.step, batch_size=batch_size)
-  return inference.Predictor.from_torchvision(values.torchvision, values.config,
-                                              batch_size=batch_size)
+    return inference.Predictor.from_workdir(values.workdir, values.step, **kwargs)
+  return inference.Predictor.from_torchvision(values.torchvision, values.config, **kwargs)

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from maskrcnn_jax.configs import load_config
+from maskrcnn_jax.configs import ConfigError, load_config
 from maskrcnn_jax.evaluation import coco, evaluator
 from maskrcnn_jax import inference
 from maskrcnn_jax.train import checkpoint as ckpt
@@ -118,17 +118,22 @@ def test_score_threshold_and_input_kinds(workdir):
 
 
 def test_bfloat16_inference_products_reach_the_predictor(workdir):
-  """model.inference_products='bfloat16' builds the predictor's model with bfloat16 products
-  (tests/ops/test_conv.py checks their numbers); the same parameters go into it and it
-  predicts."""
+  """model.inference_products='bfloat16' (in the config, or the `inference_products` argument
+  that the predict and export commands' --inference_products sets) builds the predictor's model
+  with bfloat16 products (tests/ops/test_conv.py checks their numbers); the same parameters go
+  into it and it predicts. A bad value is a one-line error naming the key."""
   path, config, _, variables = workdir
   assert inference.Predictor(config, variables).model.products == 'float32'
   bf16 = config.copy_and_resolve_references()
   bf16.model.inference_products = 'bfloat16'
-  predictor = inference.Predictor(bf16, variables)
+  assert inference.Predictor(bf16, variables).model.products == 'bfloat16'
+  predictor = inference.Predictor.from_workdir(path, inference_products='bfloat16')
   assert predictor.model.products == 'bfloat16'
+  assert predictor.config.model.inference_products == 'bfloat16'
   [record] = predictor.predict(sorted(IMAGES.iterdir())[0], score_threshold=0.0)
   assert len(record['scores']) > 0 and np.all(np.isfinite(record['boxes']))
+  with pytest.raises(ConfigError, match='model.inference_products'):
+    inference.Predictor(config, variables, inference_products='int8')
 
 
 def test_recorded_config_fills_keys_added_since(workdir, tmp_path, caplog):
