@@ -161,27 +161,33 @@ def test_inference_products_reach_every_conv_but_the_stem_and_leave_training_alo
   assert config.model.inference_products == 'float32'
   config.model.inference_products = 'bfloat16'
   calls = []
-  for name in ('conv2d', 'conv2d_products'):
+
+  def spying(name):
     original = getattr(layers, name)
-    spy = lambda *a, _name=name, _f=original, **kw: calls.append((_name, a[0].shape[-1])) or _f(
-        *a, **kw)
-    monkeypatch.setattr(layers, name, spy)
+
+    def spy(x, *args, **kwargs):
+      calls.append((name, x.shape[-1]))
+      return original(x, *args, **kwargs)
+    return spy
+
+  for name in ('conv2d', 'conv2d_products'):
+    monkeypatch.setattr(layers, name, spying(name))
   size = tuple(config.data.image_size)
-  trees = {}
+  trees, seen = {}, {}
   for inference in (False, True):
     model = build_model(config.model, inference=inference)
     calls.clear()
     trees[inference] = jax.eval_shape(lambda key, m=model: init_variables(m, key, size),
                                       jax.random.key(0))
-    kinds = {kind for kind, _ in calls}
-    if inference:
-      assert all((kind == 'conv2d_products') == (c >= layers.MIN_PRODUCT_CHANNELS)
-                 for kind, c in calls), calls
-      assert kinds == {'conv2d', 'conv2d_products'}
-    else:
-      assert kinds == {'conv2d'}
-  assert jax.tree.structure(trees[False]) == jax.tree.structure(trees[True])
-  jax.tree.map(lambda a, b: a.shape == b.shape or pytest.fail('shapes'), trees[False], trees[True])
+    seen[inference] = list(calls)
+  assert {kind for kind, _ in seen[False]} == {'conv2d'}
+  assert [c for _, c in seen[True]] == [c for _, c in seen[False]]  # the same convolutions
+  expected = [('conv2d_products' if c >= layers.MIN_PRODUCT_CHANNELS else 'conv2d', c)
+              for _, c in seen[False]]
+  assert seen[True] == expected and ('conv2d', 3) in expected  # the stem
+  assert sum(kind == 'conv2d_products' for kind, _ in expected) > 10
+  assert (jax.tree.map(lambda a: a.shape, trees[False])
+          == jax.tree.map(lambda a: a.shape, trees[True]))
 
 
 def test_matmul_gradients_in_a_conditional_branch_are_forward_order_convolutions():
