@@ -112,7 +112,7 @@ def conv2d_products(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: P
   P2 of a 832x1344 canvas). A 1x1 kernel is a single product. Larger kernels run a loop over
   blocks of ``block_rows`` output rows, each block's tap products summed while they are in
   cache: summing whole-map products instead moves every tap's float32 output through memory
-  (1.3-1.6x slower at P2 of 832x1344, 2026-12-03, AMD EPYC).
+  (1.5-1.6x slower at P2 of 832x1344, 2026-12-03, AMD EPYC).
   """
   kh, kw, c_in, c_out = kernel.shape
   s = stride

@@ -272,8 +272,9 @@ def run_config_benchmark(config) -> dict[str, Any]:
 def _float32_products_program(config, ours: Runner):
   """The compiled inference step to count FLOPs on: ours, or with model.inference_products =
   'bfloat16' the float32-products program of the same arithmetic (the bfloat16 path loops over
-  blocks of rows, whose bodies XLA's cost analysis counts once)."""
-  if config.model.inference_products == 'float32':
+  blocks of rows, whose bodies XLA's cost analysis counts once). In a multi-process run (where
+  an experiment cannot be built on a device subset) ours, an undercount."""
+  if config.model.inference_products == 'float32' or jax.process_count() > 1:
     return ours.compiled
   config = config.copy_and_resolve_references()
   config.model.inference_products = 'float32'
