@@ -131,16 +131,18 @@ def test_flags(monkeypatch):
 
 def test_main_benchmark_mode(setup):
   """``python -m maskrcnn_jax.main --config.mode=benchmark_inference``: the inference benchmark
-  (latency pass included) through the main program's config flags."""
+  (latency pass included) through the main program's config flags, with bfloat16 products (their
+  FLOPs counted on the float32-products program)."""
   root, config, env = setup
   workdir = root / 'main'
   cmd = [sys.executable, '-m', 'maskrcnn_jax.main', f'--config={config}', f'--workdir={workdir}',
          '--config.mode=benchmark_inference', '--config.benchmark.num_steps=2',
          '--config.benchmark.warmup_steps=1', '--config.eval.per_device_batch_size=2',
-         '--config.model.precision=bfloat16']
+         '--config.model.precision=bfloat16', '--config.model.inference_products=bfloat16']
   out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout + out.stderr
   result = json.loads((workdir / 'benchmark_inference.json').read_text())
+  assert result['flops_per_image'] > 0
   assert set(benchmark.RESULT_KEYS + benchmark.INFERENCE_KEYS) <= set(result)
   assert result['benchmark'] == 'inference' and result['precision'] == 'bfloat16'
   assert result['num_steps'] == 2 and result['per_device_batch_size'] == 2
