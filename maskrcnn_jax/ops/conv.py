@@ -114,29 +114,25 @@ def conv2d_products(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: P
   cache: summing whole-map products instead moves every tap's float32 output through memory
   (1.5-1.6x slower at P2 of 832x1344, 2026-12-03, AMD EPYC).
   """
-  kh, kw, c_in, c_out = kernel.shape
+  kh, kw, _, c_out = kernel.shape
   s = stride
   n = x.shape[0]
   (pt, pb), (pl, pr) = padding
   ho = (x.shape[1] + pt + pb - kh) // s + 1
   wo = (x.shape[2] + pl + pr - kw) // s + 1
   hq, wq = ho + (kh - 1) // s, wo + (kw - 1) // s
-  x = jnp.pad(x.astype(dtype), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  x = _fit(_fit(x, 1, s * hq), 2, s * wq)
-  grid = x.reshape(n, hq, s, wq, s, c_in)
+  phases = _phase_rows(x.astype(dtype), (kh, kw), s, padding, hq, wq)
   rows = n * hq * wq
   kernel = kernel.astype(dtype)
   if kh == kw == 1:
-    y = lax.dot(grid[:, :, 0, :, 0].reshape(rows, c_in), kernel[0, 0],
-                preferred_element_type=jnp.float32)
+    y = lax.dot(phases[0, 0], kernel[0, 0], preferred_element_type=jnp.float32)
     return y.reshape(n, hq, wq, c_out)[:, :ho, :wo]
-  max_offset = ((kh - 1) // s) * wq + (kw - 1) // s
+  taps = _tap_offsets((kh, kw), s, wq)
+  max_offset = taps[-1][2]
   block = min(block_rows, rows)
   num_blocks = -(-rows // block)
-  phases = {(a, b): jnp.pad(grid[:, :, a, :, b].reshape(rows, c_in),
-                            ((0, num_blocks * block - rows + max_offset), (0, 0)))
-            for a in range(min(s, kh)) for b in range(min(s, kw))}
-  taps = [(i, j, (i // s) * wq + j // s) for i in range(kh) for j in range(kw)]
+  phases = {key: jnp.pad(phase, ((0, num_blocks * block - rows + max_offset), (0, 0)))
+            for key, phase in phases.items()}
 
   def block_products(index, out):
     start = index * block
@@ -163,27 +159,38 @@ def kernel_gradient(x: jnp.ndarray, g: jnp.ndarray, kernel_size: Sequence[int], 
   """
   kh, kw = kernel_size
   s = stride
-  n, ho, wo, c_out = g.shape
+  _, ho, wo, c_out = g.shape
   c_in = x.shape[-1]
   # The phase grid: tap (i, j) reads rows h + i // s and columns w + j // s of its phase.
   hq, wq = ho + (kh - 1) // s, wo + (kw - 1) // s
-  x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  x = _fit(_fit(x, 1, s * hq), 2, s * wq)
+  phases = _phase_rows(x, (kh, kw), s, padding, hq, wq)
   g = jnp.pad(g, ((0, 0), (0, hq - ho), (0, wq - wo), (0, 0))).reshape(-1, c_out)
-  max_offset = ((kh - 1) // s) * wq + (kw - 1) // s
-  rows = g.shape[0] - max_offset
+  offsets = _tap_offsets((kh, kw), s, wq)
+  rows = g.shape[0] - offsets[-1][2]
   g = g[:rows]
-  grid = x.reshape(n, hq, s, wq, s, c_in)
-  phases = {(a, b): grid[:, :, a, :, b].reshape(-1, c_in)
-            for a in range(min(s, kh)) for b in range(min(s, kw))}
-  taps = []
-  for i in range(kh):
-    for j in range(kw):
-      phase = phases[i % s, j % s]
-      offset = (i // s) * wq + j // s
-      taps.append(lax.dot_general(lax.slice_in_dim(phase, offset, offset + rows), g,
-                                  (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32))
+  taps = [lax.dot_general(lax.slice_in_dim(phases[i % s, j % s], offset, offset + rows), g,
+                          (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+          for i, j, offset in offsets]
   return jnp.stack(taps).reshape(kh, kw, c_in, c_out)
+
+
+def _phase_rows(x, kernel_size: Sequence[int], s: int, padding: Padding, hq: int, wq: int):
+  """The zero-padded x (N, H, W, C) cropped or padded to the (s * hq, s * wq) phase grid and
+  split into its s x s phases (only those a kernel tap reads), each flattened to
+  (N * hq * wq, C) rows: {(a, b): x_padded[:, a::s, b::s] as rows}."""
+  kh, kw = kernel_size
+  n, c = x.shape[0], x.shape[-1]
+  x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  grid = _fit(_fit(x, 1, s * hq), 2, s * wq).reshape(n, hq, s, wq, s, c)
+  return {(a, b): grid[:, :, a, :, b].reshape(-1, c)
+          for a in range(min(s, kh)) for b in range(min(s, kw))}
+
+
+def _tap_offsets(kernel_size: Sequence[int], s: int, wq: int) -> list[tuple[int, int, int]]:
+  """(i, j, row offset) per kernel tap in row-major order: tap (i, j) reads phase
+  (i % s, j % s) at rows shifted by (i // s) * wq + j // s; the last offset is the largest."""
+  kh, kw = kernel_size
+  return [(i, j, (i // s) * wq + j // s) for i in range(kh) for j in range(kw)]
 
 
 def input_gradient(g: jnp.ndarray, kernel: jnp.ndarray, x_shape: Sequence[int], stride: int,
