@@ -104,6 +104,31 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
   return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
+class _UnawaitedReadErrorsInOneLine(logging.Filter):
+  """asyncio's report of a task whose exception nobody awaited, as one warning line.
+
+  When a restore fails, Orbax / TensorStore can leave sibling reads of the same corrupt
+  checkpoint whose errors were never awaited; asyncio reports each when the task is collected,
+  with a traceback (seen once in tens of runs, under load). The checkpoint has already been
+  reported unusable in one line: this keeps the report of the sibling to one line too.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and 'exception was never retrieved' in str(record.msg):
+      record.msg, record.args = ('after a failed checkpoint read, an unawaited read also failed: '
+                                 '%s', (_one_line(record.exc_info[1]),))
+      record.exc_info = record.exc_text = None
+      record.levelno, record.levelname = logging.WARNING, 'WARNING'
+    return True
+
+
+def _unawaited_read_errors_in_one_line() -> None:
+  """Installs `_UnawaitedReadErrorsInOneLine` on the asyncio logger (once per process)."""
+  logger = logging.getLogger('asyncio')
+  if not any(isinstance(f, _UnawaitedReadErrorsInOneLine) for f in logger.filters):
+    logger.addFilter(_UnawaitedReadErrorsInOneLine())
+
+
 def check_free_space(directory: str, num_bytes: int, step: int) -> None:
   """CheckpointSaveError before anything is written when `directory`'s filesystem has less than
   the state's size (plus 10%) free."""
@@ -179,6 +204,7 @@ def _restore_step(manager, workdir: str, step: int, abstract_state: Any) -> Any:
     restored = manager.restore(int(step), args=ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))[STATE_ITEM]
   except Exception as e:  # pylint: disable=broad-except  # Orbax / TensorStore errors vary
+    _unawaited_read_errors_in_one_line()
     raise CorruptCheckpointError(_one_line(e)) from e
   if meta is None:
     logging.warning('checkpoint step %d has no fingerprint (saved by an older version): '
@@ -269,6 +295,7 @@ def restore_variables(workdir: str, abstract_variables: Any, step: int | None = 
   except transfer.WeightImportError:
     raise
   except Exception as e:  # pylint: disable=broad-except  # Orbax / TensorStore errors vary
+    _unawaited_read_errors_in_one_line()
     others = [s for s in steps if s != step]
     raise CorruptCheckpointError(
         f'checkpoint step {step} in {checkpoint_dir(workdir)} is unusable: '

@@ -1,6 +1,9 @@
 """Checkpoint fingerprints, the fallback past unusable checkpoints and failing saves, on a small
 state with the real Orbax manager (`maskrcnn_jax.train.checkpoint`)."""
 
+import asyncio
+import gc
+import logging
 import os
 import shutil
 
@@ -76,6 +79,45 @@ def test_restore_latest_verifies_and_falls_back_past_unusable_checkpoints(tmp_pa
   ckpt.save(manager, 2, _state(2), force=True)
   ckpt.check_saves(manager, wait=True)
   manager.close()
+
+
+def _unawaited_failure_records():
+  """The records asyncio logs for a task whose OSError nobody awaited (collected afterwards)."""
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  logger = logging.getLogger('asyncio')
+  logger.addHandler(handler)
+  try:
+    async def read():
+      raise OSError('short read of d/0f3a')
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(read())
+    loop.run_until_complete(asyncio.wait([task]))  # done; its exception never retrieved
+    loop.close()
+    del task
+    gc.collect()
+  finally:
+    logger.removeHandler(handler)
+  return records
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')  # as below
+def test_after_a_failed_restore_unawaited_read_errors_are_one_line(tmp_path, monkeypatch):
+  monkeypatch.setattr(logging.getLogger('asyncio'), 'filters', [])
+  [before] = _unawaited_failure_records()
+  assert before.exc_info is not None  # asyncio's own report: a multi-line traceback
+  _save_steps(tmp_path, (1, 2))
+  data_files(tmp_path, 2)[-1].write_bytes(b'')  # truncated: the restore fails
+  manager = ckpt.create_manager(str(tmp_path))
+  assert ckpt.restore_latest(manager, str(tmp_path), _abstract(_state()))[0] == 1
+  manager.close()
+  [after] = _unawaited_failure_records()
+  assert after.exc_info is None and after.levelname == 'WARNING'
+  message = logging.Formatter().format(after)
+  assert '\n' not in message and 'an unawaited read also failed: OSError: short read' in message
+  ckpt._unawaited_read_errors_in_one_line()  # pylint: disable=protected-access
+  assert len(logging.getLogger('asyncio').filters) == 1  # installed once
 
 
 def test_no_usable_checkpoint_is_an_error_that_moves_nothing(tmp_path):
