@@ -15,6 +15,21 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / 'data' / 'coco_sample'
 
 
+@pytest.fixture(scope='session', autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the session's tests, their subprocesses and notebook
+  kernels, shared by the pytest-xdist workers (the directory of `cli_runs.env`): a program that
+  several tests compile (the same model, shapes and XLA flags) compiles once."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from cli_runs import shared_dir  # pylint: disable=import-outside-toplevel
+  path = str(shared_dir(tmp_path_factory) / 'main_shared' / 'jax_cache')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = path
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.3'
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.3)
+  return path
+
+
 @pytest.fixture(scope='session')
 def sample_data_dir(tmp_path_factory):
   """TFDS data_dir holding coco_instances/coco2017 (split 'validation') built from coco_sample."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,8 @@ def build_model(model_config, inference: bool = False) -> MaskRCNN:
   parameters are the same as the training module's (the products change no parameter).
   """
   s = ModelSettings.from_config(model_config)
+  if inference and s.inference_products == 'bfloat16':
+    _warn_without_bfloat16_instructions()
   return MaskRCNN(
       num_classes=s.num_classes,
       backbone_cls=functools.partial(ResNet, **dataclasses.asdict(s.backbone)),
@@ -47,6 +50,38 @@ def build_model(model_config, inference: bool = False) -> MaskRCNN:
       test=s.test,
       dtype=DTYPES[s.precision], conv_kernel_grad=resolve_kernel_grad(s.conv_kernel_grad),
       products=s.inference_products if inference else 'float32')
+
+
+# CPU flags (Linux /proc/cpuinfo) of the instructions that multiply bfloat16 at twice the float32
+# rate: x86 AVX-512 BF16 and AMX, Arm's BF16 extension.
+BFLOAT16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16', 'bf16')
+
+
+def cpu_flags(cpuinfo: str = '/proc/cpuinfo') -> frozenset[str] | None:
+  """The first CPU's feature flags ('flags' on x86, 'Features' on Arm); None where unknown."""
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        if key.strip() in ('flags', 'Features'):
+          return frozenset(value.split())
+  except OSError:
+    pass
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_without_bfloat16_instructions() -> None:
+  """A warning (once per process) when bfloat16 products will run on a CPU without bfloat16
+  instructions: XLA then widens the operands, 1.5-1.8x slower than float32 (AMD Zen 3,
+  docs/performance.md)."""
+  if jax.default_backend() != 'cpu':
+    return
+  flags = cpu_flags()
+  if flags is not None and not flags & set(BFLOAT16_CPU_FLAGS):
+    logging.warning("model.inference_products = 'bfloat16' on a CPU without bfloat16 "
+                    'instructions (none of %s): slower than float32 here',
+                    '/'.join(BFLOAT16_CPU_FLAGS))
 
 
 def resolve_kernel_grad(choice: str) -> str:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from maskrcnn_jax import modeling
 from maskrcnn_jax.configs import load_config
 from maskrcnn_jax.modeling import build_model, init_variables, layers, resolve_kernel_grad
 from maskrcnn_jax.ops import conv as conv_ops
@@ -188,6 +189,29 @@ def test_inference_products_reach_every_conv_but_the_stem_and_leave_training_alo
   assert sum(kind == 'conv2d_products' for kind, _ in expected) > 10
   assert (jax.tree.map(lambda a: a.shape, trees[False])
           == jax.tree.map(lambda a: a.shape, trees[True]))
+
+
+def test_cpu_flags_and_the_warning_for_a_cpu_without_bfloat16_instructions(
+    tmp_path, monkeypatch, caplog):
+  x86, arm = tmp_path / 'x86', tmp_path / 'arm'
+  x86.write_text('processor\t: 0\nflags\t\t: fpu avx2 fma\n\nprocessor\t: 1\nflags\t: sse\n')
+  arm.write_text('processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n')
+  assert modeling.cpu_flags(str(x86)) == {'fpu', 'avx2', 'fma'}  # the first CPU's
+  assert 'bf16' in modeling.cpu_flags(str(arm))
+  assert modeling.cpu_flags(str(tmp_path / 'absent')) is None
+  config = load_config(REPO / 'configs' / 'tiny.py')
+  config.model.inference_products = 'bfloat16'
+  warned = lambda: [r for r in caplog.records if 'without bfloat16 instructions' in r.message]
+  for flags, expected in ((frozenset({'avx2'}), 1), (frozenset({'avx2', 'avx512_bf16'}), 0),
+                          (None, 0)):
+    caplog.clear()
+    monkeypatch.setattr(modeling, 'cpu_flags', lambda flags=flags: flags)
+    modeling._warn_without_bfloat16_instructions.cache_clear()  # pylint: disable=protected-access
+    build_model(config.model)                      # training module: never
+    build_model(config.model, inference=True)
+    build_model(config.model, inference=True)      # once per process
+    assert len(warned()) == expected, (flags, caplog.text)
+  modeling._warn_without_bfloat16_instructions.cache_clear()  # pylint: disable=protected-access
 
 
 def test_matmul_gradients_in_a_conditional_branch_are_forward_order_convolutions():
