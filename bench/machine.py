@@ -2,14 +2,9 @@
 
 import platform
 
+from maskrcnn_jax.cpuinfo import first_value
+
 
 def cpu_model() -> str:
   """The CPU's model name (/proc/cpuinfo on Linux, else what `platform` knows)."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
+  return first_value(('model name',)) or platform.processor() or 'unknown'

@@ -47,12 +47,16 @@ def locked(path: pathlib.Path):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def compilation_cache_dir(tmp_path_factory) -> pathlib.Path:
+  """The session's persistent compilation cache (tests/conftest.py sets it for every test)."""
+  return shared_dir(tmp_path_factory) / 'main_shared' / 'jax_cache'
+
+
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
-  root = shared_dir(tmp_path_factory) / 'main_shared'
   e = dict(os.environ)
   e.update(TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu',
-           JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
+           JAX_COMPILATION_CACHE_DIR=str(compilation_cache_dir(tmp_path_factory)),
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   return e

@@ -9,7 +9,8 @@ import pytest
 
 # The command-line fixtures (env, data_dir, reference_run) for every test module.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from cli_runs import data_dir, env, reference_run  # noqa: F401,E402  pylint: disable=unused-import
+from cli_runs import (compilation_cache_dir, data_dir, env,  # noqa: F401,E402
+                      reference_run)  # pylint: disable=unused-import
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / 'data' / 'coco_sample'
@@ -18,11 +19,10 @@ SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / 'data' / 'coco_sample'
 @pytest.fixture(scope='session', autouse=True)
 def shared_compilation_cache(tmp_path_factory):
   """One persistent compilation cache for the session's tests, their subprocesses and notebook
-  kernels, shared by the pytest-xdist workers (the directory of `cli_runs.env`): a program that
+  kernels, shared by the pytest-xdist workers (`cli_runs.compilation_cache_dir`): a program that
   several tests compile (the same model, shapes and XLA flags) compiles once."""
   import jax  # pylint: disable=import-outside-toplevel
-  from cli_runs import shared_dir  # pylint: disable=import-outside-toplevel
-  path = str(shared_dir(tmp_path_factory) / 'main_shared' / 'jax_cache')
+  path = str(compilation_cache_dir(tmp_path_factory))
   os.environ['JAX_COMPILATION_CACHE_DIR'] = path
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.3'
   jax.config.update('jax_compilation_cache_dir', path)

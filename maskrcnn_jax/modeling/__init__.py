@@ -19,6 +19,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from maskrcnn_jax.cpuinfo import first_value
 from maskrcnn_jax.settings import ModelSettings
 from maskrcnn_jax.modeling.model import (COUNTER_KEYS, LOSS_KEYS, MaskRCNN, anchor_shapes,
                                          init_variables, normalize_images)
@@ -59,15 +60,8 @@ BFLOAT16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16', 'bf16')
 
 def cpu_flags(cpuinfo: str = '/proc/cpuinfo') -> frozenset[str] | None:
   """The first CPU's feature flags ('flags' on x86, 'Features' on Arm); None where unknown."""
-  try:
-    with open(cpuinfo) as f:
-      for line in f:
-        key, _, value = line.partition(':')
-        if key.strip() in ('flags', 'Features'):
-          return frozenset(value.split())
-  except OSError:
-    pass
-  return None
+  value = first_value(('flags', 'Features'), cpuinfo)
+  return None if value is None else frozenset(value.split())
 
 
 @functools.lru_cache(maxsize=None)
