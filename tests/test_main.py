@@ -12,6 +12,7 @@ with exactly the parameters of the uninterrupted run; eval of a chosen checkpoin
 eval without a checkpoint, an unknown config key and a dataset that is not prepared.
 """
 
+import collections
 import json
 import os
 import shutil
@@ -37,8 +38,15 @@ def test_train_and_eval_writes_checkpoints_results_and_metrics(reference_run):
       'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')}
   assert set(lines[0]) == keys | {'step'}
   assert 'final metrics: step=12' in log
-  # TensorBoard event file with the training scalars.
-  assert list(workdir.glob('events.out.tfevents.*'))
+  # The TensorBoard event file (written without TensorFlow), read by TensorFlow: the training
+  # scalars of every step (tiny logs every step) and the evaluation's at the last.
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  [events] = workdir.glob('events.out.tfevents.*')
+  tags = collections.defaultdict(set)
+  for e in tf.compat.v1.train.summary_iterator(str(events)):
+    tags[e.step].update(v.tag for v in e.summary.value)
+  assert all('total_loss' in tags[s] and 'learning_rate' in tags[s] for s in range(1, 13)), tags
+  assert {f'eval/{k}' for k in keys} <= tags[TOTAL_STEPS]
 
 
 def test_killed_run_resumes_and_matches_the_uninterrupted_run(reference_run, tmp_path, env,

@@ -20,8 +20,8 @@ import signal
 import numpy as np
 import pytest
 
-from cli_runs import (CKPT_EVERY, Process, assert_same_params, command, params, steps,
-                      two_processes)
+from cli_runs import (CKPT_EVERY, Process, assert_same_params, command, locked, params,
+                      shared_dir, steps, two_processes)
 
 STEPS = 6
 OVERRIDES = ('--config.train.per_device_batch_size=1', '--config.eval.per_device_batch_size=1',
@@ -37,9 +37,15 @@ def _finish_all(runs):
 
 @pytest.fixture(scope='module')
 def two_process_run(tmp_path_factory, env, data_dir):
-  workdir = tmp_path_factory.mktemp('multihost') / 'uninterrupted'
-  logs = _finish_all(two_processes(command(workdir, data_dir, *OVERRIDES), env))
-  return workdir, logs
+  """The uninterrupted two-process run: once per session, shared by the pytest-xdist workers
+  (both tests need it; module fixtures run once per worker)."""
+  root = shared_dir(tmp_path_factory) / 'main_shared'
+  workdir = root / 'multihost'
+  with locked(root / 'multihost.lock'):
+    if not (root / 'multihost_logs.json').exists():
+      logs = _finish_all(two_processes(command(workdir, data_dir, *OVERRIDES), env))
+      (root / 'multihost_logs.json').write_text(json.dumps(logs))
+  return workdir, json.loads((root / 'multihost_logs.json').read_text())
 
 
 def _losses(log):

@@ -45,6 +45,7 @@ from maskrcnn_jax.train import progress as progress_lib
 from maskrcnn_jax.train import resume
 from maskrcnn_jax.train import state as state_lib
 from maskrcnn_jax.train import step as step_lib
+from maskrcnn_jax.train import summaries
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -110,9 +111,9 @@ class Run:
 
 
 # ------------------------------------------------------------------------------ helpers
-def _writer(workdir: str):
-  from clu import metric_writers  # pylint: disable=import-outside-toplevel  # imports TensorFlow
-  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+def _writer(workdir: str) -> summaries.ScalarWriter:
+  """TensorBoard scalars in the workdir, from process 0 only (`summaries`: no TensorFlow)."""
+  return summaries.ScalarWriter(workdir if jax.process_index() == 0 else None)
 
 
 # How long a process waits for the others to compile a step before the run fails.
@@ -325,7 +326,7 @@ def train(config, workdir: str, evaluate_every: bool = False) -> TrainResult:
       if signum:  # the final checkpoint is saved; a rerun evaluates it
         raise preemption.Preempted(signum, total, os.path.join(job.manager.directory, str(total)))
       last_eval = job.evaluate(state.variables, total, writer)
-  writer.flush()
+  writer.close()
   final = flax.jax_utils.unreplicate(state)
   job.manager.close()
   results = evaluator.results_path(workdir, total) if last_eval else None
@@ -352,7 +353,8 @@ def evaluate(config, workdir: str) -> dict[str, float] | None:
     step, variables = ckpt.restore_variables(workdir, job.exp.abstract_variables,
                                              int(config.eval.checkpoint_step))
   replicated = step_lib.replicate(variables, job.exp.devices)
-  line = job.evaluate(replicated, step, _writer(workdir))
+  with _writer(workdir) as writer:
+    line = job.evaluate(replicated, step, writer)
   job.manager.close()
   if line is not None:
     logging.info('metrics: %s', json.dumps(line))
