@@ -175,8 +175,8 @@ def free_port():
 def two_processes(cmd, env):
   port = free_port()
   runs = []
+  flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
   for i in range(2):
-    flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
     e = dict(env, JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i),
              JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', XLA_FLAGS=flags)
     runs.append(Process(cmd, e))

@@ -76,8 +76,8 @@ def test_two_processes_train_and_evaluate_as_one_process_with_four_devices(
     two_process_run, tmp_path, fast_env, data_dir):
   workdir, logs = two_process_run
   single = tmp_path / 'single'
-  four_devices = dict(fast_env,
-                      XLA_FLAGS=f'{FAST_COMPILE} --xla_force_host_platform_device_count=4')
+  four_devices = dict(
+      fast_env, XLA_FLAGS=f"{fast_env['XLA_FLAGS']} --xla_force_host_platform_device_count=4")
   [single_log] = _finish_all([Process(command(single, data_dir, *OVERRIDES), four_devices)])
   assert 'devices: 2 local, 4 global, 2 processes' in logs[0]
   # The all-reduce sums in another order (Gloo across the processes): the parameters agree to
