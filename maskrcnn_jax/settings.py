@@ -18,7 +18,8 @@ import ml_collections
 
 PRECISIONS = ('float32', 'bfloat16', 'float16')
 KERNEL_GRADS = ('xla', 'matmul')  # maskrcnn_jax.ops.conv
-PRODUCTS = ('float32', 'bfloat16')  # config.model.inference_products (modeling.layers.Conv)
+# config.model.inference_products and train_products (modeling.layers.Conv)
+PRODUCTS = ('float32', 'bfloat16')
 MASK_TRAIN_SLOTS = ('fixed', 'bucketed')  # config.model.mask.train_slots (MaskRCNN.losses)
 RESNET_DEPTHS = (18, 34, 50, 101)
 ANCHOR_CONVENTIONS = ('reference', 'torchvision')
@@ -288,6 +289,7 @@ class ModelSettings:
   # the CPU backend, 'xla' elsewhere.
   conv_kernel_grad: str = setting(choice('auto', *KERNEL_GRADS))
   inference_products: str = setting(choice(*PRODUCTS))
+  train_products: str = setting(choice(*PRODUCTS))
   min_level: int = setting(integer(2, 5))
   max_level: int = setting(integer(5, 7))
   fpn_channels: int = setting(integer(1))

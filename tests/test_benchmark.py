@@ -149,3 +149,37 @@ def test_main_benchmark_mode(setup):
   assert set(result['latency_ms']) >= {'p50', 'p90', 'p95', 'p99'}
   assert result['latency_ms']['count'] == 1
   assert 'img/s' in out.stdout
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_flops_are_counted_on_the_float32_products_program(monkeypatch, train):
+  """With bfloat16 products (model.train_products for training, inference_products for
+  inference) the FLOPs come from the same step built with float32 products (the bfloat16 path's
+  row-block loops are counted once by XLA); with float32 products from ours, not rebuilt."""
+  key = 'train_products' if train else 'inference_products'
+  config = configs.load_config(REPO / 'configs' / 'tiny_smoke.py')
+  built = []
+
+  class Step:
+    def __init__(self, name):
+      self.name = name
+
+    def lower(self, *args):
+      return self
+
+    def compile(self):
+      return self.name
+
+  def build(config, devices):
+    built.append((config.model.train_products, config.model.inference_products, devices))
+    return type('Exp', (), {'train_step': Step('train'), 'infer_step': Step('infer')})
+
+  monkeypatch.setattr(benchmark.experiment, 'build_experiment', build)
+  ours = type('Ours', (), {'compiled': 'ours', 'devices': ['d'], 'args': None,
+                           'batch_at': staticmethod(lambda i: None)})
+  count_on = benchmark._float32_products_program  # pylint: disable=protected-access
+  assert count_on(config, ours, train) == 'ours' and not built
+  config.model[key] = 'bfloat16'
+  program = count_on(config, ours, train)
+  assert program == ('train' if train else 'infer')
+  assert built == [('float32', 'float32', ['d'])] and config.model[key] == 'bfloat16'

@@ -36,12 +36,15 @@ def build_model(model_config, inference: bool = False) -> MaskRCNN:
   """The Mask R-CNN module of ``config.model`` (see configs/coco_r50.py); `ConfigError` names
   the key at fault.
 
-  ``inference``: the module the inference step runs, with ``model.inference_products``; the
-  parameters are the same as the training module's (the products change no parameter).
+  ``inference``: the module the inference step runs, with ``model.inference_products``
+  (otherwise ``model.train_products``); the parameters are the same either way (the products
+  change no parameter).
   """
   s = ModelSettings.from_config(model_config)
-  if inference and s.inference_products == 'bfloat16':
-    _warn_without_bfloat16_instructions()
+  key = 'inference_products' if inference else 'train_products'
+  products = getattr(s, key)
+  if products == 'bfloat16':
+    _warn_without_bfloat16_instructions(f'model.{key}')
   return MaskRCNN(
       num_classes=s.num_classes,
       backbone_cls=functools.partial(ResNet, **dataclasses.asdict(s.backbone)),
@@ -50,7 +53,7 @@ def build_model(model_config, inference: bool = False) -> MaskRCNN:
       mask=dataclasses.replace(s.mask, train_slots=resolve_mask_train_slots(s.mask.train_slots)),
       test=s.test,
       dtype=DTYPES[s.precision], conv_kernel_grad=resolve_kernel_grad(s.conv_kernel_grad),
-      products=s.inference_products if inference else 'float32')
+      products=products)
 
 
 # CPU flags (Linux /proc/cpuinfo) of the instructions that multiply bfloat16 at twice the float32
@@ -65,17 +68,16 @@ def cpu_flags(cpuinfo: str = '/proc/cpuinfo') -> frozenset[str] | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_without_bfloat16_instructions() -> None:
-  """A warning (once per process) when bfloat16 products will run on a CPU without bfloat16
-  instructions: XLA then widens the operands, 1.5-1.8x slower than float32 (AMD Zen 3,
-  docs/performance.md)."""
+def _warn_without_bfloat16_instructions(key: str) -> None:
+  """A warning (once per process and config key) when bfloat16 products will run on a CPU
+  without bfloat16 instructions: XLA then widens the operands, 1.5-1.8x slower than float32
+  (AMD Zen 3, docs/performance.md)."""
   if jax.default_backend() != 'cpu':
     return
   flags = cpu_flags()
   if flags is not None and not flags & set(BFLOAT16_CPU_FLAGS):
-    logging.warning("model.inference_products = 'bfloat16' on a CPU without bfloat16 "
-                    'instructions (none of %s): slower than float32 here',
-                    '/'.join(BFLOAT16_CPU_FLAGS))
+    logging.warning("%s = 'bfloat16' on a CPU without bfloat16 instructions (none of %s): "
+                    'slower than float32 here', key, '/'.join(BFLOAT16_CPU_FLAGS))
 
 
 def resolve_kernel_grad(choice: str) -> str:

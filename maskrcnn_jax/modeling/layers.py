@@ -19,9 +19,8 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax import lax
 
-from maskrcnn_jax.ops.conv import conv2d, conv2d_products
+from maskrcnn_jax.ops.conv import conv2d, conv2d_products, dot_products
 from maskrcnn_jax.settings import PRODUCTS
 
 # The smallest input depth whose convolution `Conv` computes as bfloat16 products: the stem's
@@ -94,10 +93,10 @@ class Conv(nn.Module):
     dtype: compute dtype; inputs and parameters are cast to it.
     kernel_grad: 'xla' or 'matmul' (see :mod:`maskrcnn_jax.ops.conv`).
     products: 'float32' (the convolution in ``dtype``) or 'bfloat16': operands rounded to
-      bfloat16, products accumulated in float32, one matrix product per kernel tap
-      (:func:`maskrcnn_jax.ops.conv.conv2d_products`, the CPU's fast path; forward only, for
-      inference: ``config.model.inference_products``). Inputs with fewer than
-      ``MIN_PRODUCT_CHANNELS`` channels (the stem) keep the convolution.
+      bfloat16, products accumulated in float32, one matrix product per kernel tap, the
+      gradients likewise (:func:`maskrcnn_jax.ops.conv.conv2d_products`, the CPU's fast path:
+      ``config.model.inference_products`` and ``config.model.train_products``). Inputs with
+      fewer than ``MIN_PRODUCT_CHANNELS`` channels (the stem) keep the convolution.
   """
   features: int
   kernel_size: tuple[int, int]
@@ -151,9 +150,7 @@ def dot(x: jnp.ndarray, y: jnp.ndarray, products: str, dtype: Dtype) -> jnp.ndar
   """The matrix product x @ y (x: (..., K), y: (K, N)) in ``dtype``, or with 'bfloat16'
   ``products`` of bfloat16 operands accumulated in float32 (see `Conv`), cast to ``dtype``."""
   if _bfloat16_products(products):
-    return lax.dot_general(x.astype(jnp.bfloat16), y.astype(jnp.bfloat16),
-                           (((x.ndim - 1,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32).astype(dtype)
+    return dot_products(x, y, jnp.bfloat16).astype(dtype)
   return jnp.dot(x.astype(dtype), y.astype(dtype))
 
 

@@ -120,8 +120,8 @@ class MaskRCNN(nn.Module):
     conv_kernel_grad: the convolutions' kernel-gradient algorithm, 'xla' or 'matmul'
       (:mod:`maskrcnn_jax.ops.conv`; ``build_model`` resolves the config's 'auto').
     products: the products of the convolutions and dense layers, 'float32' or 'bfloat16'
-      (forward only: :class:`maskrcnn_jax.modeling.layers.Conv`; ``build_model(...,
-      inference=True)`` sets ``config.model.inference_products``).
+      (:class:`maskrcnn_jax.modeling.layers.Conv`: forward and gradients); ``build_model`` sets
+      ``config.model.train_products``, or ``inference_products`` with ``inference=True``.
   """
   num_classes: int
   backbone_cls: Callable[..., nn.Module]

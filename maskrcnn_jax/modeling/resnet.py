@@ -200,7 +200,7 @@ class ResNet(nn.Module):
     dtype: compute dtype; parameters are float32.
     conv_kernel_grad: the convolutions' kernel-gradient algorithm ('xla' or 'matmul',
       :mod:`maskrcnn_jax.ops.conv`).
-    products: the convolutions' products, 'float32' or 'bfloat16' (forward only,
+    products: the convolutions' products, 'float32' or 'bfloat16' (forward and gradients,
       :class:`maskrcnn_jax.modeling.layers.Conv`).
   """
   depth: int = 50

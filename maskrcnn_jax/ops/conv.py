@@ -96,7 +96,8 @@ _conv_matmul_grad.defvjp(_forward, _backward)
 def conv2d_products(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: Padding,
                     dtype=jnp.bfloat16, block_rows: int = 512) -> jnp.ndarray:
   """The convolution of `conv2d` as one matrix product per kernel tap, operands in `dtype`,
-  accumulated and returned in float32 (a forward-only inference path, see below).
+  accumulated and returned in float32 (``config.model.inference_products`` and
+  ``config.model.train_products``, see below).
 
   Why: XLA:CPU runs a matrix product of bfloat16 operands with float32 accumulation
   (``preferred_element_type``) on the CPU's bfloat16 units (AMX, AVX512-BF16), about 2x (AMD
@@ -113,7 +114,82 @@ def conv2d_products(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: P
   blocks of ``block_rows`` output rows, each block's tap products summed while they are in
   cache: summing whole-map products instead moves every tap's float32 output through memory
   (1.5-1.6x slower at P2 of 832x1344, 2026-12-03, AMD EPYC).
+
+  Gradients (a custom VJP) are products in `dtype` too, accumulated in float32: the input
+  gradient as `input_gradient`'s forward convolutions of the flipped kernel, each computed by
+  this function, the kernel gradient as `kernel_gradient` of the rounded input and output
+  gradient. Products of bfloat16 numbers are exact in float32, so both equal float32 gradients
+  of the rounded operands (x, kernel and the output gradient) up to float32 summation
+  (tests/ops/test_conv.py). The residuals are the rounded x and kernel (half of float32's
+  memory); the gradients come back in x's and the kernel's dtypes.
   """
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _products(x, kernel, int(stride), padding, jnp.dtype(dtype), int(block_rows))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _products(x, kernel, stride, padding, dtype, block_rows):
+  return _products_forward(x, kernel, stride, padding, dtype, block_rows)
+
+
+def _products_fwd(x, kernel, stride, padding, dtype, block_rows):
+  xq, kq = x.astype(dtype), kernel.astype(dtype)
+  # Zero-size arrays carry the primal dtypes to the backward.
+  dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), kernel.dtype))
+  return _products_forward(xq, kq, stride, padding, dtype, block_rows), (xq, kq, dtypes)
+
+
+def _products_bwd(stride, padding, dtype, block_rows, residuals, g):
+  xq, kq, (x_dtype, k_dtype) = residuals
+  gq = g.astype(dtype)
+  dx = input_gradient(gq, kq, xq.shape, stride, padding,
+                      products=functools.partial(_products_forward, dtype=dtype,
+                                                 block_rows=block_rows))
+  dw = kernel_gradient(xq, gq, kq.shape[:2], stride, padding)
+  return dx.astype(x_dtype.dtype), dw.astype(k_dtype.dtype)
+
+
+_products.defvjp(_products_fwd, _products_bwd)
+
+
+def dot_products(x: jnp.ndarray, y: jnp.ndarray, dtype=jnp.bfloat16) -> jnp.ndarray:
+  """x (..., K) @ y (K, N) with operands rounded to `dtype` and products accumulated in float32
+  (float32 result), gradients likewise: dx = g @ y^T and dy = x^T @ g of the rounded operands
+  and output gradient, returned in x's and y's dtypes (autodiff would transpose the product in
+  float32: `conv2d_products`' reasons)."""
+  return _dot_products(x, y, jnp.dtype(dtype))
+
+
+def _contract_last(a, b, b_axis: int):
+  return lax.dot_general(a, b, (((a.ndim - 1,), (b_axis,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dot_products(x, y, dtype):
+  return _contract_last(x.astype(dtype), y.astype(dtype), 0)
+
+
+def _dot_products_fwd(x, y, dtype):
+  xq, yq = x.astype(dtype), y.astype(dtype)
+  dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), y.dtype))
+  return _contract_last(xq, yq, 0), (xq, yq, dtypes)
+
+
+def _dot_products_bwd(dtype, residuals, g):
+  xq, yq, (x_dtype, y_dtype) = residuals
+  gq = g.astype(dtype)
+  dx = _contract_last(gq, yq, 1)
+  dy = lax.dot_general(xq.reshape(-1, xq.shape[-1]), gq.reshape(-1, gq.shape[-1]),
+                       (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return dx.astype(x_dtype.dtype), dy.astype(y_dtype.dtype)
+
+
+_dot_products.defvjp(_dot_products_fwd, _dot_products_bwd)
+
+
+def _products_forward(x, kernel, stride, padding, dtype, block_rows):
+  """`conv2d_products`'s forward (its docstring): float32 (N, Ho, Wo, C_out)."""
   kh, kw, _, c_out = kernel.shape
   s = stride
   n = x.shape[0]
@@ -194,7 +270,7 @@ def _tap_offsets(kernel_size: Sequence[int], s: int, wq: int) -> list[tuple[int,
 
 
 def input_gradient(g: jnp.ndarray, kernel: jnp.ndarray, x_shape: Sequence[int], stride: int,
-                   padding: Padding) -> jnp.ndarray:
+                   padding: Padding, products=None) -> jnp.ndarray:
   """d(sum(g * conv(x, kernel))) / dx as stride-1 forward convolutions, one per output phase
   (one in all for stride 1; for stride s XLA's transpose convolves the zero-dilated gradient:
   s * s times the work).
@@ -205,6 +281,8 @@ def input_gradient(g: jnp.ndarray, kernel: jnp.ndarray, x_shape: Sequence[int], 
   every s-th row and column of dx (interior padding) and the phases summed.
 
   g: (N, Ho, Wo, C_out); kernel: (kh, kw, C_in, C_out); x_shape: (N, H, W, C_in).
+  products: None (XLA's convolutions, in g's dtype) or ``products(g, kernel, stride, padding)``
+  computing each phase's 'VALID' stride-1 convolution (`conv2d_products`' forward: float32).
   """
   s = stride
   zero = jnp.zeros((), g.dtype)
@@ -217,12 +295,18 @@ def input_gradient(g: jnp.ndarray, kernel: jnp.ndarray, x_shape: Sequence[int], 
         continue  # no tap reaches these rows or columns (a 1x1 kernel's odd phases)
       sub = jnp.flip(kernel[rh::s, rw::s], (0, 1)).swapaxes(2, 3)
       grad = lax.pad(g, zero, ((0, 0, 0), (lo_h, hi_h, 0), (lo_w, hi_w, 0), (0, 0, 0)))
-      phase = lax.conv_general_dilated(grad, sub, (1, 1), 'VALID', dimension_numbers=_DIMENSIONS)
-      placed = lax.pad(phase, zero, (
+      if products is None:
+        phase = lax.conv_general_dilated(grad, sub, (1, 1), 'VALID',
+                                         dimension_numbers=_DIMENSIONS)
+      else:
+        phase = products(grad, sub, 1, ((0, 0), (0, 0)))
+      placed = lax.pad(phase, jnp.zeros((), phase.dtype), (
           (0, 0, 0), (first_h, x_shape[1] - first_h - s * (count_h - 1) - 1, s - 1),
           (first_w, x_shape[2] - first_w - s * (count_w - 1) - 1, s - 1), (0, 0, 0)))
       dx = placed if dx is None else dx + placed
-  return jnp.zeros(x_shape, g.dtype) if dx is None else dx
+  if dx is None:
+    return jnp.zeros(x_shape, jnp.float32 if products else g.dtype)
+  return dx
 
 
 def _phase(size: int, k: int, s: int, pad: int, out_size: int, r: int):

@@ -206,7 +206,7 @@ def _benchmark(train: bool, config, *, num_steps: int, warmup_steps: int, device
   timed = num_steps - warmup_steps
   totals = _interleaved([ours] + others, warmup_steps, timed, rounds)
   b, ips = ours.per_device_batch_size, ours.images_per_step * timed / totals[0]
-  flops = _flops(ours.compiled if train else _float32_products_program(config, ours))
+  flops = _flops(_float32_products_program(config, ours, train))
   flops = flops / b if flops else None
   peak = peak_tflops or peak_tflops_for(devices[0].device_kind, config.model.precision)
   result = {
@@ -269,16 +269,19 @@ def run_config_benchmark(config) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ the record
-def _float32_products_program(config, ours: Runner):
-  """The compiled inference step to count FLOPs on: ours, or with model.inference_products =
-  'bfloat16' the float32-products program of the same arithmetic (the bfloat16 path loops over
-  blocks of rows, whose bodies XLA's cost analysis counts once). In a multi-process run (where
-  an experiment cannot be built on a device subset) ours, an undercount."""
-  if config.model.inference_products == 'float32' or jax.process_count() > 1:
+def _float32_products_program(config, ours: Runner, train: bool):
+  """The compiled step to count FLOPs on: ours, or with bfloat16 products
+  (model.train_products / inference_products) the float32-products program of the same
+  arithmetic (the bfloat16 path loops over blocks of rows, whose bodies XLA's cost analysis
+  counts once). In a multi-process run (where an experiment cannot be built on a device
+  subset) ours, an undercount."""
+  key = 'train_products' if train else 'inference_products'
+  if config.model[key] == 'float32' or jax.process_count() > 1:
     return ours.compiled
   config = config.copy_and_resolve_references()
-  config.model.inference_products = 'float32'
-  return experiment.build_experiment(config, ours.devices).infer_step.lower(
+  config.model[key] = 'float32'
+  exp = experiment.build_experiment(config, ours.devices)
+  return (exp.train_step if train else exp.infer_step).lower(
       ours.args, ours.batch_at(0)).compile()
 
 

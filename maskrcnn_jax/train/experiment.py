@@ -32,7 +32,7 @@ from maskrcnn_jax.train import step as step_lib
 
 def build_model(config, inference: bool = False) -> modeling.MaskRCNN:
   """The Mask R-CNN module of config.model (``inference``: the inference step's, with
-  model.inference_products)."""
+  model.inference_products; otherwise model.train_products)."""
   return modeling.build_model(config.model, inference)
 
 

@@ -135,6 +135,34 @@ def test_bfloat16_products_equal_a_numpy_loop_of_the_rounded_operands(k, stride,
   np.testing.assert_allclose(y, exact, rtol=0, atol=2e-2 * np.abs(exact).max())
 
 
+@pytest.mark.parametrize('k,stride,padding,shape', CASES)
+def test_bfloat16_products_gradients_equal_numpy_loops_of_the_rounded_operands(k, stride, padding,
+                                                                               shape):
+  """conv2d_products' gradients are bfloat16 products accumulated in float32: the float64
+  input and kernel gradients of the rounded x, kernel and output gradient, up to float32
+  summation, in blocks of 7 rows; they come back in the operands' dtypes."""
+  n, h, w = shape
+  rng = np.random.default_rng(k * 10 + stride + 2)
+  x = rng.standard_normal((n, h, w, 5)).astype(np.float32)
+  kernel = rng.standard_normal((k, k, 5, 4)).astype(np.float32)
+  products = lambda x, w: conv_ops.conv2d_products(x, w, stride, padding, block_rows=7)
+  target = rng.standard_normal(jax.eval_shape(products, x, kernel).shape).astype(np.float32)
+  dx, dw = jax.jit(lambda x, w, g: jax.vjp(products, x, w)[1](g))(x, kernel, target)
+  rounded = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32)
+  dx_ref = _numpy_input_gradient(rounded(target), rounded(kernel), x.shape, stride, padding)
+  dw_ref = _numpy_kernel_gradient(rounded(x), rounded(target), k, stride, padding)
+  assert dx.dtype == dw.dtype == jnp.float32
+  np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=1e-5 * np.abs(dx_ref).max())
+  np.testing.assert_allclose(dw, dw_ref, rtol=0, atol=1e-5 * np.abs(dw_ref).max())
+  # ... within bfloat16 rounding of the float32 gradients; bfloat16 inputs, bfloat16 gradients.
+  exact = _numpy_kernel_gradient(x, target, k, stride, padding)
+  np.testing.assert_allclose(dw, exact, rtol=0, atol=3e-2 * np.abs(exact).max())
+  low = jax.grad(lambda x: jnp.sum(products(x, kernel) * target))(x.astype(jnp.bfloat16))
+  assert low.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(low, np.float32), dx_ref, rtol=0,
+                             atol=1e-2 * np.abs(dx_ref).max())
+
+
 def test_dense_has_flax_denses_parameters_and_outputs():
   """layers.Dense replaced flax.linen.Dense in the box head: the same parameters from the same
   key and the same float32 outputs; 'bfloat16' products are the rounded operands' product."""
@@ -150,17 +178,29 @@ def test_dense_has_flax_denses_parameters_and_outputs():
   rounded = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
   reference = rounded(x) @ rounded(v_flax['params']['kernel']) + np.arange(7.0)
   np.testing.assert_allclose(y, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+  # Its gradients: bfloat16 products of the rounded output gradient and operands.
+  g = rng.standard_normal(y.shape).astype(np.float32)
+  dense = lambda v, x: layers.Dense(7, products='bfloat16').apply(v, x)
+  dv, dx = jax.vjp(dense, v_flax, x)[1](g)
+  np.testing.assert_allclose(
+      dx, rounded(g) @ rounded(v_flax['params']['kernel']).T, rtol=0, atol=1e-5 * np.abs(dx).max())
+  dw = dv['params']['kernel']
+  dw_ref = rounded(x).reshape(-1, 40).T @ rounded(g).reshape(-1, 7)
+  np.testing.assert_allclose(dw, dw_ref, rtol=0, atol=1e-5 * np.abs(dw_ref).max())
+  np.testing.assert_allclose(dv['params']['bias'], g.sum((0, 1)), rtol=1e-5)
   with pytest.raises(ValueError, match='products'):
     layers.Dense(7, products='int8').apply(v_flax, x)
 
 
-def test_inference_products_reach_every_conv_but_the_stem_and_leave_training_alone(monkeypatch):
-  """build_model(inference=True) with model.inference_products='bfloat16': every convolution
-  with >= MIN_PRODUCT_CHANNELS input channels runs conv2d_products, the others (the stem) and
-  every convolution of the training model keep conv2d; the parameter trees are the same."""
+@pytest.mark.parametrize('key', ['inference_products', 'train_products'])
+def test_bfloat16_products_reach_every_conv_but_the_stem_of_their_module_only(monkeypatch, key):
+  """model.inference_products='bfloat16' (build_model(inference=True)) or train_products (the
+  training module): every convolution of that module with >= MIN_PRODUCT_CHANNELS input
+  channels runs conv2d_products, the others (the stem) and every convolution of the other
+  module keep conv2d; the parameter trees are the same."""
   config = load_config(REPO / 'configs' / 'tiny.py')
-  assert config.model.inference_products == 'float32'
-  config.model.inference_products = 'bfloat16'
+  assert config.model.inference_products == config.model.train_products == 'float32'
+  config.model[key] = 'bfloat16'
   calls = []
 
   def spying(name):
@@ -181,11 +221,12 @@ def test_inference_products_reach_every_conv_but_the_stem_and_leave_training_alo
     trees[inference] = jax.eval_shape(lambda key, m=model: init_variables(m, key, size),
                                       jax.random.key(0))
     seen[inference] = list(calls)
-  assert {kind for kind, _ in seen[False]} == {'conv2d'}
+  with_products = key == 'inference_products'
+  assert {kind for kind, _ in seen[not with_products]} == {'conv2d'}
   assert [c for _, c in seen[True]] == [c for _, c in seen[False]]  # the same convolutions
   expected = [('conv2d_products' if c >= layers.MIN_PRODUCT_CHANNELS else 'conv2d', c)
               for _, c in seen[False]]
-  assert seen[True] == expected and ('conv2d', 3) in expected  # the stem
+  assert seen[with_products] == expected and ('conv2d', 3) in expected  # the stem
   assert sum(kind == 'conv2d_products' for kind, _ in expected) > 10
   assert (jax.tree.map(lambda a: a.shape, trees[False])
           == jax.tree.map(lambda a: a.shape, trees[True]))
@@ -207,10 +248,17 @@ def test_cpu_flags_and_the_warning_for_a_cpu_without_bfloat16_instructions(
     caplog.clear()
     monkeypatch.setattr(modeling, 'cpu_flags', lambda flags=flags: flags)
     modeling._warn_without_bfloat16_instructions.cache_clear()  # pylint: disable=protected-access
-    build_model(config.model)                      # training module: never
+    build_model(config.model)                      # training module: float32
     build_model(config.model, inference=True)
-    build_model(config.model, inference=True)      # once per process
+    build_model(config.model, inference=True)      # once per process and key
     assert len(warned()) == expected, (flags, caplog.text)
+    config.model.train_products = 'bfloat16'
+    build_model(config.model)
+    build_model(config.model)
+    assert len(warned()) == 2 * expected, (flags, caplog.text)
+    assert all('model.inference_products' in r.message for r in warned()[:expected])
+    assert all('model.train_products' in r.message for r in warned()[expected:])
+    config.model.train_products = 'float32'
   modeling._warn_without_bfloat16_instructions.cache_clear()  # pylint: disable=protected-access
 
 
