@@ -43,6 +43,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from maskrcnn_jax.settings import KERNEL_GRADS
 
@@ -94,7 +95,8 @@ _conv_matmul_grad.defvjp(_forward, _backward)
 
 
 def conv2d_products(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: Padding,
-                    dtype=jnp.bfloat16, block_rows: int = 512) -> jnp.ndarray:
+                    dtype=jnp.bfloat16, block_rows: int = 512,
+                    gradient_block_rows: int = 1024) -> jnp.ndarray:
   """The convolution of `conv2d` as one matrix product per kernel tap, operands in `dtype`,
   accumulated and returned in float32 (``config.model.inference_products`` and
   ``config.model.train_products``, see below).
@@ -118,34 +120,36 @@ def conv2d_products(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: P
   Gradients (a custom VJP) are products in `dtype` too, accumulated in float32: the input
   gradient as `input_gradient`'s forward convolutions of the flipped kernel, each computed by
   this function, the kernel gradient as `kernel_gradient` of the rounded input and output
-  gradient. Products of bfloat16 numbers are exact in float32, so both equal float32 gradients
-  of the rounded operands (x, kernel and the output gradient) up to float32 summation
-  (tests/ops/test_conv.py). The residuals are the rounded x and kernel (half of float32's
-  memory); the gradients come back in x's and the kernel's dtypes.
+  gradient in blocks of ``gradient_block_rows`` rows (its ``block_rows``: the products in the
+  standard layout that the bfloat16 kernels take). Products of bfloat16 numbers are exact in
+  float32, so both equal float32 gradients of the rounded operands (x, kernel and the output
+  gradient) up to float32 summation (tests/ops/test_conv.py). The residuals are the rounded x
+  and kernel (half of float32's memory); the gradients come back in x's and the kernel's dtypes.
   """
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return _products(x, kernel, int(stride), padding, jnp.dtype(dtype), int(block_rows))
+  return _products(x, kernel, int(stride), padding, jnp.dtype(dtype), int(block_rows),
+                   int(gradient_block_rows))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _products(x, kernel, stride, padding, dtype, block_rows):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _products(x, kernel, stride, padding, dtype, block_rows, gradient_block_rows):
   return _products_forward(x, kernel, stride, padding, dtype, block_rows)
 
 
-def _products_fwd(x, kernel, stride, padding, dtype, block_rows):
+def _products_fwd(x, kernel, stride, padding, dtype, block_rows, gradient_block_rows):
   xq, kq = x.astype(dtype), kernel.astype(dtype)
   # Zero-size arrays carry the primal dtypes to the backward.
   dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), kernel.dtype))
   return _products_forward(xq, kq, stride, padding, dtype, block_rows), (xq, kq, dtypes)
 
 
-def _products_bwd(stride, padding, dtype, block_rows, residuals, g):
+def _products_bwd(stride, padding, dtype, block_rows, gradient_block_rows, residuals, g):
   xq, kq, (x_dtype, k_dtype) = residuals
   gq = g.astype(dtype)
   dx = input_gradient(gq, kq, xq.shape, stride, padding,
                       products=functools.partial(_products_forward, dtype=dtype,
                                                  block_rows=block_rows))
-  dw = kernel_gradient(xq, gq, kq.shape[:2], stride, padding)
+  dw = kernel_gradient(xq, gq, kq.shape[:2], stride, padding, block_rows=gradient_block_rows)
   return dx.astype(x_dtype.dtype), dw.astype(k_dtype.dtype)
 
 
@@ -180,12 +184,44 @@ def _dot_products_bwd(dtype, residuals, g):
   xq, yq, (x_dtype, y_dtype) = residuals
   gq = g.astype(dtype)
   dx = _contract_last(gq, yq, 1)
-  dy = lax.dot_general(xq.reshape(-1, xq.shape[-1]), gq.reshape(-1, gq.shape[-1]),
-                       (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  dy = _rows_contracted(xq.reshape(-1, xq.shape[-1]), gq.reshape(-1, gq.shape[-1]))
   return dx.astype(x_dtype.dtype), dy.astype(y_dtype.dtype)
 
 
 _dot_products.defvjp(_dot_products_fwd, _dot_products_bwd)
+
+
+def _transposed(a: jnp.ndarray) -> jnp.ndarray:
+  """a (M, N) transposed into a row-major (N, M) array (a real copy).
+
+  Why: XLA:CPU runs a bfloat16 matrix product on its bfloat16 units (AMX, AVX512-BF16) only in
+  the standard form, lhs (M, K) and rhs (K, N), both row-major; a product that contracts the
+  rows of both operands (x^T g, every kernel gradient) has its operands converted to float32
+  first (8x slower on an Intel Xeon with AMX, docs/performance.md). A plain transpose does not
+  help: XLA folds it into the product's dimension numbers or gives the operand a column-major
+  layout. The layout constraint makes the transposed copy real (run eagerly it needs a
+  jax.Array, hence the asarray).
+  """
+  return with_layout_constraint(jnp.asarray(a.T), Layout(major_to_minor=(0, 1)))
+
+
+def _rows_contracted(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """a^T b, float32 (K, N), for a (M, K) and b (M, N): a transposed (`_transposed`), then one
+  standard-form product (`_standard_product`). Transposing b instead and the product's result
+  after it measured up to 1.8x slower (the float32 result is the larger copy)."""
+  return _standard_product(_transposed(a), b)
+
+
+def _standard_product(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """a (M, K) @ b (K, N), float32, its result kept row-major.
+
+  Why the layout constraint: where the result is transposed next, XLA:CPU may give the product
+  a column-major result instead, which its bfloat16 kernels cannot write; the fallback then
+  fails at run time ('Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32', jax
+  0.10.2).
+  """
+  return with_layout_constraint(lax.dot(a, b, preferred_element_type=jnp.float32),
+                                Layout(major_to_minor=(0, 1)))
 
 
 def _products_forward(x, kernel, stride, padding, dtype, block_rows):
@@ -227,11 +263,18 @@ def _products_forward(x, kernel, stride, padding, dtype, block_rows):
 
 
 def kernel_gradient(x: jnp.ndarray, g: jnp.ndarray, kernel_size: Sequence[int], stride: int,
-                    padding: Padding) -> jnp.ndarray:
+                    padding: Padding, block_rows: int | None = None) -> jnp.ndarray:
   """d(sum(g * conv(x, W))) / dW as (kh, kw, C_in, C_out) float32, by matrix products (see the
   module docstring).
 
   x: (N, H, W, C_in) the convolution's input; g: (N, Ho, Wo, C_out) its output gradient.
+  block_rows: None: one product per tap over the whole map, contracting the rows of both
+    operands (float32's fastest form on XLA:CPU). An int: the bfloat16 form
+    (`conv2d_products`): a loop over blocks of ``block_rows`` rows of g, each block transposed
+    into a row-major (C_out, rows) copy (`_transposed`) and multiplied by every tap's rows of x
+    in the standard form, the taps' (C_out, C_in) sums carried in float32. Blocks keep g's
+    transposed block and x's window in cache: 1024 rows measured 2.9x the whole-map products
+    at P2 of 832x1344 on an Intel Xeon with AMX (docs/performance.md).
   """
   kh, kw = kernel_size
   s = stride
@@ -242,12 +285,34 @@ def kernel_gradient(x: jnp.ndarray, g: jnp.ndarray, kernel_size: Sequence[int], 
   phases = _phase_rows(x, (kh, kw), s, padding, hq, wq)
   g = jnp.pad(g, ((0, 0), (0, hq - ho), (0, wq - wo), (0, 0))).reshape(-1, c_out)
   offsets = _tap_offsets((kh, kw), s, wq)
-  rows = g.shape[0] - offsets[-1][2]
+  max_offset = offsets[-1][2]
+  rows = g.shape[0] - max_offset
   g = g[:rows]
-  taps = [lax.dot_general(lax.slice_in_dim(phases[i % s, j % s], offset, offset + rows), g,
-                          (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-          for i, j, offset in offsets]
-  return jnp.stack(taps).reshape(kh, kw, c_in, c_out)
+  if block_rows is None:
+    taps = [lax.dot_general(lax.slice_in_dim(phases[i % s, j % s], offset, offset + rows), g,
+                            (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            for i, j, offset in offsets]
+    return jnp.stack(taps).reshape(kh, kw, c_in, c_out)
+  block = min(block_rows, rows)
+  num_blocks = -(-rows // block)
+  # Zero rows of g past the end add nothing; x's phases are padded to every block's window.
+  g = jnp.pad(g, ((0, num_blocks * block - rows), (0, 0)))
+  phases = {key: jnp.pad(phase, ((0, num_blocks * block + max_offset - phase.shape[0]), (0, 0)))
+            for key, phase in phases.items()}
+
+  def block_products(index, sums):
+    start = index * block
+    g_t = _transposed(lax.dynamic_slice_in_dim(g, start, block))
+    windows = {key: lax.dynamic_slice_in_dim(phase, start, block + max_offset)
+               for key, phase in phases.items()}
+    return tuple(
+        total + _standard_product(
+            g_t, lax.slice_in_dim(windows[i % s, j % s], offset, offset + block))
+        for total, (i, j, offset) in zip(sums, offsets))
+
+  sums = lax.fori_loop(0, num_blocks, block_products,
+                       tuple(jnp.zeros((c_out, c_in), jnp.float32) for _ in offsets))
+  return jnp.stack(sums).reshape(kh, kw, c_out, c_in).swapaxes(2, 3)
 
 
 def _phase_rows(x, kernel_size: Sequence[int], s: int, padding: Padding, hq: int, wq: int):

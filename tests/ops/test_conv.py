@@ -140,12 +140,14 @@ def test_bfloat16_products_gradients_equal_numpy_loops_of_the_rounded_operands(k
                                                                                shape):
   """conv2d_products' gradients are bfloat16 products accumulated in float32: the float64
   input and kernel gradients of the rounded x, kernel and output gradient, up to float32
-  summation, in blocks of 7 rows; they come back in the operands' dtypes."""
+  summation, with the forward in blocks of 7 rows and the kernel gradient in blocks of 5 (the
+  last one partial) or in one block; they come back in the operands' dtypes."""
   n, h, w = shape
   rng = np.random.default_rng(k * 10 + stride + 2)
   x = rng.standard_normal((n, h, w, 5)).astype(np.float32)
   kernel = rng.standard_normal((k, k, 5, 4)).astype(np.float32)
-  products = lambda x, w: conv_ops.conv2d_products(x, w, stride, padding, block_rows=7)
+  products = lambda x, w: conv_ops.conv2d_products(x, w, stride, padding, block_rows=7,
+                                                   gradient_block_rows=5)
   target = rng.standard_normal(jax.eval_shape(products, x, kernel).shape).astype(np.float32)
   dx, dw = jax.jit(lambda x, w, g: jax.vjp(products, x, w)[1](g))(x, kernel, target)
   rounded = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32)
@@ -154,6 +156,9 @@ def test_bfloat16_products_gradients_equal_numpy_loops_of_the_rounded_operands(k
   assert dx.dtype == dw.dtype == jnp.float32
   np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=1e-5 * np.abs(dx_ref).max())
   np.testing.assert_allclose(dw, dw_ref, rtol=0, atol=1e-5 * np.abs(dw_ref).max())
+  one_block = lambda x, w: conv_ops.conv2d_products(x, w, stride, padding)
+  _, dw_one = jax.jit(lambda x, w, g: jax.vjp(one_block, x, w)[1](g))(x, kernel, target)
+  np.testing.assert_allclose(dw_one, dw_ref, rtol=0, atol=1e-5 * np.abs(dw_ref).max())
   # ... within bfloat16 rounding of the float32 gradients; bfloat16 inputs, bfloat16 gradients.
   exact = _numpy_kernel_gradient(x, target, k, stride, padding)
   np.testing.assert_allclose(dw, exact, rtol=0, atol=3e-2 * np.abs(exact).max())
@@ -161,6 +166,35 @@ def test_bfloat16_products_gradients_equal_numpy_loops_of_the_rounded_operands(k
   assert low.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(low, np.float32), dx_ref, rtol=0,
                              atol=1e-2 * np.abs(dx_ref).max())
+
+
+def _products_of(compiled_text: str) -> list[tuple[str, str, str, str]]:
+  """(lhs type, rhs type, lhs contracting dims, lhs rank) of every dot in a compiled HLO text."""
+  values = re.findall(r'%([\w.\-]+) = (\w+)\[([\d,]*)\]', compiled_text)
+  types = {name: dtype for name, dtype, _ in values}
+  ranks = {name: len(dims.split(',')) if dims else 0 for name, _, dims in values}
+  dots = re.findall(r' dot\(%([\w.\-]+), %([\w.\-]+)\),.*?lhs_contracting_dims=\{([\d,]*)\}',
+                    compiled_text)
+  return [(types[lhs], types[rhs], dims, ranks[lhs]) for lhs, rhs, dims in dots]
+
+
+@pytest.mark.parametrize('k,stride', [(3, 1), (3, 2), (1, 1), (1, 2)])
+def test_bfloat16_gradient_products_are_standard_bfloat16_products(k, stride):
+  """Every matrix product of conv2d_products' and dot_products' gradient programs takes
+  bfloat16 operands, the left one contracting its last (row-major) dimension: the form that
+  XLA:CPU runs on its bfloat16 units. A kernel gradient written as x^T g (both operands
+  contracting their rows) was computed in float32 instead (docs/performance.md)."""
+  x = jnp.ones((2, 9, 9, 8))
+  kernel = jnp.full((k, k, 8, 16), 0.1)
+  padding = ((k // 2, k // 2), (k // 2, k // 2))
+  loss = lambda x, w: jnp.sum(conv_ops.conv2d_products(x, w, stride, padding) ** 2)
+  dense = lambda x, w: jnp.sum(conv_ops.dot_products(x.reshape(-1, 8), w[0, 0]) ** 2)
+  for f in (loss, dense):
+    text = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, kernel).compile().as_text()
+    products = _products_of(text)
+    assert len(products) >= 2, text
+    for lhs, rhs, dims, rank in products:
+      assert lhs == rhs == 'bf16' and dims == str(rank - 1), products
 
 
 def test_dense_has_flax_denses_parameters_and_outputs():
