@@ -207,21 +207,14 @@ def _transposed(a: jnp.ndarray) -> jnp.ndarray:
 
 def _rows_contracted(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
   """a^T b, float32 (K, N), for a (M, K) and b (M, N): a transposed (`_transposed`), then one
-  standard-form product (`_standard_product`). Transposing b instead and the product's result
-  after it measured up to 1.8x slower (the float32 result is the larger copy)."""
-  return _standard_product(_transposed(a), b)
-
-
-def _standard_product(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-  """a (M, K) @ b (K, N), float32, its result kept row-major.
-
-  Why the layout constraint: where the result is transposed next, XLA:CPU may give the product
-  a column-major result instead, which its bfloat16 kernels cannot write; the fallback then
-  fails at run time ('Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32', jax
-  0.10.2).
-  """
-  return with_layout_constraint(lax.dot(a, b, preferred_element_type=jnp.float32),
-                                Layout(major_to_minor=(0, 1)))
+  standard-form product. Nothing transposes the product's result: XLA may then give the
+  product a column-major result, which its bfloat16 kernels cannot write (the fallback fails
+  at run time: 'Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32', jax
+  0.10.2), and holding the result row-major with a layout constraint made XLA return the
+  program's outputs in another layout, which JAX read as row-major: wrong gradients
+  (tests/ops/test_conv.py). Transposing b and then the result instead also measured up to 1.8x
+  slower (the float32 result is the larger copy)."""
+  return lax.dot(_transposed(a), b, preferred_element_type=jnp.float32)
 
 
 def _products_forward(x, kernel, stride, padding, dtype, block_rows):
@@ -270,11 +263,12 @@ def kernel_gradient(x: jnp.ndarray, g: jnp.ndarray, kernel_size: Sequence[int], 
   x: (N, H, W, C_in) the convolution's input; g: (N, Ho, Wo, C_out) its output gradient.
   block_rows: None: one product per tap over the whole map, contracting the rows of both
     operands (float32's fastest form on XLA:CPU). An int: the bfloat16 form
-    (`conv2d_products`): a loop over blocks of ``block_rows`` rows of g, each block transposed
-    into a row-major (C_out, rows) copy (`_transposed`) and multiplied by every tap's rows of x
-    in the standard form, the taps' (C_out, C_in) sums carried in float32. Blocks keep g's
-    transposed block and x's window in cache: 1024 rows measured 2.9x the whole-map products
-    at P2 of 832x1344 on an Intel Xeon with AMX (docs/performance.md).
+    (`conv2d_products`), every product in the standard form (`_transposed`): a 1x1 kernel is
+    one product over the whole map; larger kernels loop over blocks of ``block_rows`` rows of
+    g, each block's window of x transposed into a row-major (C_in, rows) copy whose column
+    slices multiply g's block for every tap, the taps' (C_in, C_out) sums carried in float32.
+    Blocks keep the window and g's block in cache: 1024 rows measured 2.9x the converted
+    whole-map products at P2 of 832x1344 on an Intel Xeon with AMX (docs/performance.md).
   """
   kh, kw = kernel_size
   s = stride
@@ -293,6 +287,8 @@ def kernel_gradient(x: jnp.ndarray, g: jnp.ndarray, kernel_size: Sequence[int], 
                             (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
             for i, j, offset in offsets]
     return jnp.stack(taps).reshape(kh, kw, c_in, c_out)
+  if len(offsets) == 1:
+    return _rows_contracted(phases[0, 0][:rows], g).reshape(1, 1, c_in, c_out)
   block = min(block_rows, rows)
   num_blocks = -(-rows // block)
   # Zero rows of g past the end add nothing; x's phases are padded to every block's window.
@@ -302,17 +298,17 @@ def kernel_gradient(x: jnp.ndarray, g: jnp.ndarray, kernel_size: Sequence[int], 
 
   def block_products(index, sums):
     start = index * block
-    g_t = _transposed(lax.dynamic_slice_in_dim(g, start, block))
-    windows = {key: lax.dynamic_slice_in_dim(phase, start, block + max_offset)
+    g_block = lax.dynamic_slice_in_dim(g, start, block)
+    windows = {key: _transposed(lax.dynamic_slice_in_dim(phase, start, block + max_offset))
                for key, phase in phases.items()}
     return tuple(
-        total + _standard_product(
-            g_t, lax.slice_in_dim(windows[i % s, j % s], offset, offset + block))
+        total + lax.dot(lax.slice_in_dim(windows[i % s, j % s], offset, offset + block, axis=1),
+                        g_block, preferred_element_type=jnp.float32)
         for total, (i, j, offset) in zip(sums, offsets))
 
   sums = lax.fori_loop(0, num_blocks, block_products,
-                       tuple(jnp.zeros((c_out, c_in), jnp.float32) for _ in offsets))
-  return jnp.stack(sums).reshape(kh, kw, c_out, c_in).swapaxes(2, 3)
+                       tuple(jnp.zeros((c_in, c_out), jnp.float32) for _ in offsets))
+  return jnp.stack(sums).reshape(kh, kw, c_in, c_out)
 
 
 def _phase_rows(x, kernel_size: Sequence[int], s: int, padding: Padding, hq: int, wq: int):

@@ -197,6 +197,33 @@ def test_bfloat16_gradient_products_are_standard_bfloat16_products(k, stride):
       assert lhs == rhs == 'bf16' and dims == str(rank - 1), products
 
 
+def test_bfloat16_gradients_of_a_conv_and_a_dense_layer_together():
+  """Both kernels' gradients of dense(conv(x)) with bfloat16 products, taken in one program,
+  within bfloat16 rounding of float32 XLA's; the program returns them in the default
+  (row-major) layout. A layout constraint on the kernel gradients' products once made XLA
+  return the convolution's kernel gradient in another layout, which JAX read as row-major
+  (relative error 1.1 here), only when both kernels were differentiated."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((4, 12, 12, 16)), jnp.float32)
+  kernel = jnp.asarray(0.1 * rng.standard_normal((3, 3, 16, 8)), jnp.float32)
+  dense = jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)
+  padding = ((1, 1), (1, 1))
+
+  def products(kernel, dense):
+    y = conv_ops.conv2d_products(x, kernel, 1, padding, gradient_block_rows=64)
+    return jnp.sum(conv_ops.dot_products(y, dense) ** 2)
+
+  def xla(kernel, dense):
+    return jnp.sum((conv_ops.conv2d(x, kernel, 1, padding, 'xla') @ dense) ** 2)
+
+  compiled = jax.jit(jax.grad(products, argnums=(0, 1))).lower(kernel, dense).compile()
+  assert [f.layout.major_to_minor for f in compiled.output_formats] == [(0, 1, 2, 3), (0, 1)]
+  ours = compiled(kernel, dense)
+  reference = jax.jit(jax.grad(xla, argnums=(0, 1)))(kernel, dense)
+  for got, want in zip(ours, reference):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * np.abs(want).max())
+
+
 def test_dense_has_flax_denses_parameters_and_outputs():
   """layers.Dense replaced flax.linen.Dense in the box head: the same parameters from the same
   key and the same float32 outputs; 'bfloat16' products are the rounded operands' product."""
