@@ -234,15 +234,11 @@ def _products_forward(x, kernel, stride, padding, dtype, block_rows):
     return y.reshape(n, hq, wq, c_out)[:, :ho, :wo]
   taps = _tap_offsets((kh, kw), s, wq)
   max_offset = taps[-1][2]
-  block = min(block_rows, rows)
-  num_blocks = -(-rows // block)
-  phases = {key: jnp.pad(phase, ((0, num_blocks * block - rows + max_offset), (0, 0)))
-            for key, phase in phases.items()}
+  block, num_blocks, windows_at = _row_blocks(phases, rows, block_rows, max_offset)
 
   def block_products(index, out):
     start = index * block
-    windows = {key: lax.dynamic_slice_in_dim(phase, start, block + max_offset)
-               for key, phase in phases.items()}
+    windows = windows_at(start)
     y = None
     for i, j, offset in taps:
       tap = lax.dot(lax.slice_in_dim(windows[i % s, j % s], offset, offset + block),
@@ -289,18 +285,14 @@ def kernel_gradient(x: jnp.ndarray, g: jnp.ndarray, kernel_size: Sequence[int], 
     return jnp.stack(taps).reshape(kh, kw, c_in, c_out)
   if len(offsets) == 1:
     return _rows_contracted(phases[0, 0][:rows], g).reshape(1, 1, c_in, c_out)
-  block = min(block_rows, rows)
-  num_blocks = -(-rows // block)
-  # Zero rows of g past the end add nothing; x's phases are padded to every block's window.
+  block, num_blocks, windows_at = _row_blocks(phases, rows, block_rows, max_offset)
+  # Zero rows of g past the end add nothing.
   g = jnp.pad(g, ((0, num_blocks * block - rows), (0, 0)))
-  phases = {key: jnp.pad(phase, ((0, num_blocks * block + max_offset - phase.shape[0]), (0, 0)))
-            for key, phase in phases.items()}
 
   def block_products(index, sums):
     start = index * block
     g_block = lax.dynamic_slice_in_dim(g, start, block)
-    windows = {key: _transposed(lax.dynamic_slice_in_dim(phase, start, block + max_offset))
-               for key, phase in phases.items()}
+    windows = {key: _transposed(window) for key, window in windows_at(start).items()}
     return tuple(
         total + lax.dot(lax.slice_in_dim(windows[i % s, j % s], offset, offset + block, axis=1),
                         g_block, preferred_element_type=jnp.float32)
@@ -309,6 +301,24 @@ def kernel_gradient(x: jnp.ndarray, g: jnp.ndarray, kernel_size: Sequence[int], 
   sums = lax.fori_loop(0, num_blocks, block_products,
                        tuple(jnp.zeros((c_in, c_out), jnp.float32) for _ in offsets))
   return jnp.stack(sums).reshape(kh, kw, c_in, c_out)
+
+
+def _row_blocks(phases, rows: int, block_rows: int, max_offset: int):
+  """Blocks of ``block_rows`` output rows over ``rows`` (the last one partial) for the blocked
+  tap products of `_products_forward` and `kernel_gradient`: (block, num_blocks,
+  windows_at), where ``windows_at(start)`` gives every phase's rows [start, start + block +
+  max_offset), the phases zero-padded so that the last block's window exists."""
+  block = min(block_rows, rows)
+  num_blocks = -(-rows // block)
+  length = num_blocks * block + max_offset
+  padded = {key: jnp.pad(phase, ((0, length - phase.shape[0]), (0, 0)))
+            for key, phase in phases.items()}
+
+  def windows_at(start):
+    return {key: lax.dynamic_slice_in_dim(phase, start, block + max_offset)
+            for key, phase in padded.items()}
+
+  return block, num_blocks, windows_at
 
 
 def _phase_rows(x, kernel_size: Sequence[int], s: int, padding: Padding, hq: int, wq: int):

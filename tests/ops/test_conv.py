@@ -178,23 +178,27 @@ def _products_of(compiled_text: str) -> list[tuple[str, str, str, str]]:
   return [(types[lhs], types[rhs], dims, ranks[lhs]) for lhs, rhs, dims in dots]
 
 
-@pytest.mark.parametrize('k,stride', [(3, 1), (3, 2), (1, 1), (1, 2)])
+@pytest.mark.parametrize('k,stride', [(3, 1), (3, 2), (1, 1), (1, 2), (None, None)],
+                         ids=['3x3', '3x3-stride2', '1x1', '1x1-stride2', 'dense'])
 def test_bfloat16_gradient_products_are_standard_bfloat16_products(k, stride):
-  """Every matrix product of conv2d_products' and dot_products' gradient programs takes
-  bfloat16 operands, the left one contracting its last (row-major) dimension: the form that
-  XLA:CPU runs on its bfloat16 units. A kernel gradient written as x^T g (both operands
-  contracting their rows) was computed in float32 instead (docs/performance.md)."""
+  """Every matrix product of conv2d_products' (k x k kernel) and dot_products' (k None)
+  gradient programs takes bfloat16 operands, the left one contracting its last (row-major)
+  dimension: the form that XLA:CPU runs on its bfloat16 units. A kernel gradient written as
+  x^T g (both operands contracting their rows) was computed in float32 instead
+  (docs/performance.md)."""
   x = jnp.ones((2, 9, 9, 8))
-  kernel = jnp.full((k, k, 8, 16), 0.1)
-  padding = ((k // 2, k // 2), (k // 2, k // 2))
-  loss = lambda x, w: jnp.sum(conv_ops.conv2d_products(x, w, stride, padding) ** 2)
-  dense = lambda x, w: jnp.sum(conv_ops.dot_products(x.reshape(-1, 8), w[0, 0]) ** 2)
-  for f in (loss, dense):
-    text = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, kernel).compile().as_text()
-    products = _products_of(text)
-    assert len(products) >= 2, text
-    for lhs, rhs, dims, rank in products:
-      assert lhs == rhs == 'bf16' and dims == str(rank - 1), products
+  if k is None:
+    kernel = jnp.full((8, 16), 0.1)
+    loss = lambda x, w: jnp.sum(conv_ops.dot_products(x.reshape(-1, 8), w) ** 2)
+  else:
+    kernel = jnp.full((k, k, 8, 16), 0.1)
+    padding = ((k // 2, k // 2), (k // 2, k // 2))
+    loss = lambda x, w: jnp.sum(conv_ops.conv2d_products(x, w, stride, padding) ** 2)
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
+  products = _products_of(text)
+  assert len(products) >= 2, text
+  for lhs, rhs, dims, rank in products:
+    assert lhs == rhs == 'bf16' and dims == str(rank - 1), products
 
 
 def test_bfloat16_gradients_of_a_conv_and_a_dense_layer_together():
